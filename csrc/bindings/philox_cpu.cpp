@@ -1,0 +1,19 @@
+#include "cpu/philox.h"
+#include "pyfuse/philox.h"
+#include "registry.h"
+
+PYFUSE_BINDINGS(philox) {
+  m.def(
+      "rand_uniform",
+      [](uintptr_t out, int64_t n, uint64_t seed, uint64_t offset, uint32_t stream) {
+        pyfuse::cpu::rand_uniform(reinterpret_cast<float*>(out), n, seed, offset, stream);
+      },
+      PYFUSE_NOGIL, "Fill float32 out[n] with Philox uniforms of counters (offset + i, stream, 0).");
+  m.def(
+      "philox4x32",
+      [](uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3, uint32_t k0, uint32_t k1, int rounds) {
+        auto r = pyfuse::philox::philox4x32(c0, c1, c2, c3, k0, k1, rounds);
+        return pybind11::make_tuple(r.v[0], r.v[1], r.v[2], r.v[3]);
+      },
+      "Raw Philox4x32 block (for the known-answer tests).");
+}

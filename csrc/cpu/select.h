@@ -1,0 +1,199 @@
+// Exact top-k threshold selection over integer keys, without sorting (CPU, OpenMP). Header-only.
+//
+// API (stable: prune.cpp and the merge kernels use it)
+// -------------------------------------------------------------------------------------------------
+// Keys. A functor `key_of(int64_t i) -> uint32_t` gives the key of flat element i in [0, n); keys
+//   must be < 2^kKeyBits (kKeyBits <= 31). A larger key means a larger magnitude. For |x|:
+//     float32 (or any value computed in fp32):  float_bits(x) & 0x7fffffff   -> kKeyBits = 31
+//     float16 / bfloat16 (raw 16-bit pattern):  bits & 0x7fff               -> kKeyBits = 15
+//   NaN keys are above +inf, so NaN counts as the largest magnitude.
+//   The functor is called once per element per pass, so it can compute keys on the fly
+//   (e.g. |model_i - base| for a merge) without materialising them.
+//
+// Rule. Keep exactly k elements: those of largest key; among elements whose key equals the k-th
+//   largest key, the lowest flat indices win.
+//
+// Threshold t = select_threshold<kKeyBits>(n, k, key_of);   // 0 <= k <= n
+//   Element i, in fixed chunk c = i / kChunk, is kept iff
+//       key > t.key   ||   (key == t.key  &&  e < t.quota(c))
+//   where e = number of elements of chunk c before i whose key == t.key. t.split() is false in the
+//   common case (all ties at the threshold kept, e.g. tie-free data): then the test is key >= t.key,
+//   except for k == 0 where t.key = 0xffffffff matches no key. Chunk boundaries never depend on the
+//   thread count, so any fused pass that walks chunk c in order decides every element exactly.
+//
+// Passes over the keys: 1 (16-bit-key histogram) + 1 (second level on the boundary bucket, only when
+// kKeyBits > 16) + 1 (per-chunk count of keys equal to the threshold, only when t.split()).
+// Memory: one histogram per thread (at most 2^16 uint32) and one int64 per chunk when split.
+// The lower-level pieces, find_bucket() and refine(), let an op fuse its own passes (see prune.cpp).
+#pragma once
+
+#include <omp.h>
+#include <stdint.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace pyfuse {
+namespace select {
+
+// Fixed chunk length (elements): the unit of work and of tie bookkeeping.
+constexpr int64_t kChunk = int64_t(1) << 16;
+
+inline int64_t num_chunks(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+struct Threshold {
+  uint32_t key = 0;         // keys above are kept; keys equal are kept up to the quota
+  int64_t equal_kept = 0;   // how many elements with key == this->key are kept in total
+  int64_t equal_total = 0;  // how many elements have key == this->key
+  std::vector<int64_t> equal_before;  // per chunk: keys == key in all earlier chunks (split only)
+
+  bool split() const { return !equal_before.empty(); }
+  // How many elements with key == this->key chunk c keeps, counting from its lowest index.
+  int64_t quota(int64_t c) const {
+    if (!split()) return INT64_MAX;
+    return std::max<int64_t>(0, equal_kept - equal_before[c]);
+  }
+};
+
+// First level: the bucket (key >> shift) that holds the k-th largest key.
+struct Bucket {
+  int shift = 0;       // first-level bin = key >> shift
+  uint32_t bin = 0;    // the boundary bin
+  int64_t above = 0;   // elements in higher bins (all kept)
+  int64_t count = 0;   // elements in the boundary bin
+};
+
+namespace detail {
+
+// Adds a histogram of bin_of(key) over the elements with accept(key) into `total`, per-thread
+// uint32 counts over fixed chunks, flushed into int64 before they could overflow. Integer sums:
+// the result does not depend on the thread count.
+template <class KeyFn, class BinFn>
+void histogram(int64_t n, KeyFn key_of, BinFn bin_of, int64_t bins, std::vector<int64_t>& total) {
+  total.assign(bins, 0);
+  const int64_t chunks = num_chunks(n);
+#pragma omp parallel if (chunks > 1)
+  {
+    std::vector<uint32_t> local(bins, 0);
+    int64_t pending = 0;
+    auto flush = [&]() {
+#pragma omp critical(pyfuse_select_hist)
+      for (int64_t b = 0; b < bins; ++b) total[b] += local[b];
+      std::fill(local.begin(), local.end(), 0u);
+      pending = 0;
+    };
+#pragma omp for schedule(static) nowait
+    for (int64_t c = 0; c < chunks; ++c) {
+      if (pending + kChunk > int64_t(UINT32_MAX)) flush();
+      const int64_t end = std::min(n, (c + 1) * kChunk);
+      for (int64_t i = c * kChunk; i < end; ++i) bin_of(key_of(i), local.data());
+      pending += kChunk;
+    }
+    flush();
+  }
+}
+
+// Scans bins from the top: the bin where the running count reaches `need` (1 <= need <= total).
+inline uint32_t top_bin(const std::vector<int64_t>& hist, int64_t need, int64_t* above) {
+  int64_t acc = 0;
+  for (int64_t b = int64_t(hist.size()) - 1; b >= 0; --b) {
+    if (acc + hist[b] >= need) {
+      *above = acc;
+      return uint32_t(b);
+    }
+    acc += hist[b];
+  }
+  *above = acc;  // unreachable when need <= total
+  return 0;
+}
+
+}  // namespace detail
+
+// Pass 1. Requires 0 < k <= n.
+template <int kKeyBits, class KeyFn>
+Bucket find_bucket(int64_t n, int64_t k, KeyFn key_of) {
+  static_assert(kKeyBits >= 1 && kKeyBits <= 31, "keys must leave bit 31 clear");
+  Bucket b;
+  b.shift = kKeyBits > 16 ? kKeyBits - 16 : 0;
+  const int shift = b.shift;
+  std::vector<int64_t> hist;
+  detail::histogram(
+      n, key_of, [shift](uint32_t key, uint32_t* h) { ++h[key >> shift]; }, int64_t(1) << (kKeyBits - shift),
+      hist);
+  b.bin = detail::top_bin(hist, k, &b.above);
+  b.count = hist[b.bin];
+  return b;
+}
+
+// Counts keys == key per chunk and returns the exclusive scan (ties split across chunks).
+template <class KeyFn>
+std::vector<int64_t> equal_before(int64_t n, uint32_t key, KeyFn key_of) {
+  const int64_t chunks = num_chunks(n);
+  std::vector<int64_t> before(chunks, 0);
+#pragma omp parallel for schedule(static) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t end = std::min(n, (c + 1) * kChunk);
+    int64_t cnt = 0;
+    for (int64_t i = c * kChunk; i < end; ++i) cnt += key_of(i) == key;
+    before[c] = cnt;
+  }
+  int64_t acc = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t cnt = before[c];
+    before[c] = acc;
+    acc += cnt;
+  }
+  return before;
+}
+
+// The threshold inside bucket b, given the histogram of the bucket's low key bits (empty when
+// b.shift == 0). No tie-count pass: equal_before stays empty.
+inline Threshold threshold_in_bucket(const Bucket& b, const std::vector<int64_t>& low_hist, int64_t k) {
+  Threshold t;
+  const int64_t need = k - b.above;  // 1..b.count
+  if (b.shift == 0) {
+    t.key = b.bin;
+    t.equal_total = b.count;
+    t.equal_kept = need;
+  } else {
+    int64_t above_low = 0;
+    const uint32_t low = detail::top_bin(low_hist, need, &above_low);
+    t.key = (b.bin << b.shift) | low;
+    t.equal_total = low_hist[low];
+    t.equal_kept = need - above_low;
+  }
+  return t;
+}
+
+// Passes 2 (+3). Requires 0 < k <= n and b = find_bucket(n, k, key_of).
+template <int kKeyBits, class KeyFn>
+Threshold refine(const Bucket& b, int64_t n, int64_t k, KeyFn key_of) {
+  std::vector<int64_t> low_hist;
+  if (b.shift > 0) {
+    const int shift = b.shift;
+    const uint32_t bin = b.bin, mask = (uint32_t(1) << shift) - 1u;
+    detail::histogram(
+        n, key_of,
+        [=](uint32_t key, uint32_t* h) {
+          if ((key >> shift) == bin) ++h[key & mask];
+        },
+        int64_t(1) << shift, low_hist);
+  }
+  Threshold t = threshold_in_bucket(b, low_hist, k);
+  if (t.equal_kept < t.equal_total) t.equal_before = equal_before(n, t.key, key_of);
+  return t;
+}
+
+template <int kKeyBits, class KeyFn>
+Threshold select_threshold(int64_t n, int64_t k, KeyFn key_of) {
+  Threshold t;
+  if (k <= 0) {
+    t.key = UINT32_MAX;  // above every valid key: nothing kept
+    return t;
+  }
+  if (k >= n) return t;  // key 0, no split: everything kept
+  return refine<kKeyBits>(find_bucket<kKeyBits>(n, k, key_of), n, k, key_of);
+}
+
+}  // namespace select
+}  // namespace pyfuse

@@ -1,0 +1,52 @@
+"""Loading the compiled extensions, and the small conversions every binding call needs."""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+from ._backend_error import BackendError
+
+# Must match csrc/include/pyfuse/common.h (enum DType).
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@functools.lru_cache(maxsize=None)
+def _load(name: str):
+    """Returns (module, None) or (None, reason)."""
+    try:
+        return importlib.import_module(f"pyfuse.{name}"), None
+    except ImportError as err:
+        return None, f"extension pyfuse.{name} not built or not loadable ({err})"
+
+
+def cpu_ext():
+    mod, reason = _load("_C")
+    if mod is None:
+        raise BackendError(f"cpu backend unavailable: {reason}")
+    return mod
+
+
+def cuda_ext():
+    mod, reason = _load("_C_cuda")
+    if mod is None:
+        raise BackendError(f"cuda backend unavailable: {reason}")
+    return mod
+
+
+def ext_status(name: str):
+    """(module or None, reason or None) without raising."""
+    return _load(name)
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    try:
+        return DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"expected a float32, float16 or bfloat16 tensor, got {t.dtype}") from None
+
+
+def stream_of(t: torch.Tensor) -> int:
+    """The current CUDA stream of t's device, as an integer handle for the CUDA launchers."""
+    return torch.cuda.current_stream(t.device).cuda_stream

@@ -1,0 +1,144 @@
+"""Timing, copy bandwidth and peak extra memory of one provider call."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+import math
+import re
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+MEMORY_METHOD_CPU = (
+    "peak RSS during one call (VmHWM after resetting it via /proc/self/clear_refs) minus RSS right after the "
+    "call with its output still alive; glibc's mmap threshold is pinned at 128 KiB so freed temporaries "
+    "leave the RSS; 2 MiB granularity (huge pages)"
+)
+MEMORY_METHOD_CUDA = (
+    "torch.cuda.max_memory_allocated during one call minus memory_allocated right after it with the output "
+    "still alive (caching allocator only)"
+)
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_s: float
+    min_s: float
+    reps: int
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_call(fn: Callable[[], object], device, budget_s: float, min_reps: int = 5, max_reps: int = 1000) -> Timing:
+    """Warm up once, then time calls until `budget_s` is spent (at least `min_reps` unless slow), median.
+
+    A call slower than the budget is still timed, but stops the loop at twice the budget, so slow peers
+    cost a few calls rather than `min_reps` of them.
+    """
+    device = torch.device(device)
+    fn()  # warm-up: lazy init, torch.compile, allocator and caches
+    _sync(device)
+    times: list[float] = []
+    spent = 0.0
+    while len(times) < max_reps:
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            t = start.elapsed_time(end) / 1e3
+        else:
+            t0 = time.perf_counter()
+            fn()
+            t = time.perf_counter() - t0
+        times.append(t)
+        spent += t
+        if spent >= budget_s and (len(times) >= min_reps or spent >= 2 * budget_s):
+            break
+    return Timing(statistics.median(times), min(times), len(times))
+
+
+def copy_bandwidth(device, nbytes: int = 256 << 20, reps: int = 7) -> dict:
+    """GB/s of `dst.copy_(src)` counting read + write bytes; median and best of `reps` after a warm-up."""
+    device = torch.device(device)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    timing = time_call(lambda: dst.copy_(src), device, budget_s=math.inf, min_reps=reps, max_reps=reps)
+    moved = 2 * src.numel() * src.element_size()
+    return {
+        "bytes": moved,
+        "median_gbps": moved / timing.median_s / 1e9,
+        "best_gbps": moved / timing.min_s / 1e9,
+        "reps": timing.reps,
+    }
+
+
+_MALLOC_PINNED = False
+
+
+def _pin_malloc_mmap_threshold() -> None:
+    """Make glibc serve blocks >= 128 KiB by mmap and unmap them on free (no dynamic threshold growth)."""
+    global _MALLOC_PINNED
+    if _MALLOC_PINNED:
+        return
+    _MALLOC_PINNED = True
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    libc = ctypes.CDLL(name)
+    if hasattr(libc, "mallopt"):
+        M_MMAP_THRESHOLD = -3
+        libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
+    if hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
+
+
+def _proc_status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        m = re.search(rf"^{field}:\s+(\d+) kB", f.read(), re.MULTILINE)
+    if m is None:
+        raise OSError(f"/proc/self/status has no {field}")
+    return int(m.group(1)) * 1024
+
+
+def cpu_peak_supported() -> str:
+    """'' when the CPU method works here, else why not."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        _proc_status_bytes("VmHWM")
+        return ""
+    except OSError as e:
+        return f"peak RSS cannot be reset here ({e})"
+
+
+def peak_extra_bytes(fn: Callable[[], object], device) -> int | None:
+    """Memory a call needs beyond its inputs and its output (see MEMORY_METHOD_*); None when unmeasurable."""
+    device = torch.device(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        extra = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
+        del out
+        return max(extra, 0)
+    if cpu_peak_supported():
+        return None
+    _pin_malloc_mmap_threshold()
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    out = fn()
+    extra = _proc_status_bytes("VmHWM") - _proc_status_bytes("VmRSS")
+    del out
+    return max(extra, 0)

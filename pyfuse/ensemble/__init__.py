@@ -1,0 +1,2 @@
+"""Cross-vocabulary logit ensembling."""
+from .vocab import VocabMap

@@ -1,0 +1,141 @@
+"""Device tables derived from a vocabulary map, for the union-vocabulary ops.
+
+A vocabulary map is any object with ``union_size: int`` and ``to_union``: one int32 tensor ``[V_m]`` per
+model (model token id -> union id, -1 = ignored; many-to-one allowed), and optionally ``from_union``: one
+int32 tensor ``[U]`` per model (union id -> the model's canonical token, -1 when none). ``VocabMap``
+(pyfuse.ensemble.vocab) is one; ``SimpleVocabMap`` below builds one from tensors directly.
+
+The ops never scatter into the union (float atomics would make the result order-dependent): they gather
+through a reverse index, union id -> the model ids mapping to it, in ascending model-id order (CSR).
+"""
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+
+# Fixed-point sums use 2**-40 units in int64; every sum stays below 2**62 while V_m, U <= 2**22.
+MAX_VOCAB = 1 << 22
+MAX_MODELS = 8  # the present-models bit pattern of a union id is one byte
+
+
+@dataclasses.dataclass
+class SimpleVocabMap:
+    """A vocabulary map from tensors, for callers without tokenizers. ``from_union`` defaults to the
+    lowest model id of each union id."""
+
+    to_union: list
+    union_size: int
+    from_union: list | None = None
+
+    @property
+    def num_models(self) -> int:
+        return len(self.to_union)
+
+
+def build_reverse_index(to_union: torch.Tensor, union_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR reverse map of one model: ``(rev_offsets int32 [U+1], rev_ids int32 [nnz])``; the model ids of
+    union id u are ``rev_ids[rev_offsets[u]:rev_offsets[u+1]]``, ascending. Ids mapped to -1 are left out."""
+    to_union = to_union.to(torch.int64)
+    ids = torch.nonzero(to_union >= 0).flatten()
+    targets = to_union[ids]
+    order = torch.sort(targets * to_union.numel() + ids).indices  # by (union id, model id)
+    counts = torch.bincount(targets, minlength=union_size)
+    offsets = torch.zeros(union_size + 1, dtype=torch.int64, device=to_union.device)
+    offsets[1:] = torch.cumsum(counts, 0)
+    return offsets.to(torch.int32), ids[order].to(torch.int32)
+
+
+@dataclasses.dataclass
+class EnsembleTables:
+    """Everything the kernels read about the map, on one device. Host ints are computed once here so
+    that a call never synchronises with the device."""
+
+    union_size: int
+    to_union: list  # int32 [V_m]
+    rev_offsets: list  # int32 [U+1]
+    rev_ids: list  # int32 [nnz_m]
+    from_union: list  # int32 [U]
+    present: torch.Tensor  # uint8 [U]: bit m set when model m has a token for the union id
+    first_ids: list  # int32 [U]: rev_ids[rev_offsets[u]] or -1 (CPU fast path)
+    multi: list  # int32 [n]: union ids with several model ids (CPU fast path)
+    valid_counts: tuple  # mapped ids per model
+    max_mult: tuple  # longest reverse list per model
+
+    @property
+    def num_models(self) -> int:
+        return len(self.to_union)
+
+
+def _tables(to_union, union_size: int, from_union, device) -> EnsembleTables:
+    fields = {k: [] for k in ("to_union", "rev_offsets", "rev_ids", "from_union", "first_ids", "multi")}
+    present = torch.zeros(union_size, dtype=torch.int32)
+    valid, mult = [], []
+    for m, fwd in enumerate(to_union):
+        fwd = fwd.detach().to("cpu", torch.int32).contiguous()
+        off, ids = build_reverse_index(fwd, union_size)
+        counts = (off[1:] - off[:-1]).to(torch.int64)
+        first = torch.full((union_size,), -1, dtype=torch.int32)
+        has = counts > 0
+        first[has] = ids[off[:-1].to(torch.int64)[has]]
+        present |= has.to(torch.int32) << m
+        canon = first if from_union is None else from_union[m].detach().to("cpu", torch.int32).contiguous()
+        valid.append(int(ids.numel()))
+        mult.append(int(counts.max()) if union_size else 0)
+        for key, t in (("to_union", fwd), ("rev_offsets", off), ("rev_ids", ids), ("from_union", canon),
+                       ("first_ids", first), ("multi", torch.nonzero(counts > 1).flatten().to(torch.int32))):
+            fields[key].append(t.to(device))
+    return EnsembleTables(union_size=union_size, present=present.to(torch.uint8).to(device),
+                          valid_counts=tuple(valid), max_mult=tuple(mult), **fields)
+
+
+def check_map(vmap) -> None:
+    """Validate a vocabulary map's structure (shapes, dtypes, id ranges); raises ValueError/TypeError."""
+    for attr in ("to_union", "union_size"):
+        if not hasattr(vmap, attr):
+            raise TypeError(f"vmap must have attribute {attr!r} (a VocabMap or SimpleVocabMap)")
+    U = vmap.union_size
+    if isinstance(U, bool) or not isinstance(U, int) or not 1 <= U <= MAX_VOCAB:
+        raise ValueError(f"vmap.union_size must be an int in [1, {MAX_VOCAB}], got {U!r}")
+    maps = list(vmap.to_union)
+    if not 1 <= len(maps) <= MAX_MODELS:
+        raise ValueError(f"vmap.to_union must hold 1 to {MAX_MODELS} tensors, got {len(maps)}")
+    for m, fwd in enumerate(maps):
+        if not isinstance(fwd, torch.Tensor) or fwd.dim() != 1 or fwd.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"vmap.to_union[{m}] must be a 1-D int32 tensor")
+        if not 1 <= fwd.numel() <= MAX_VOCAB:
+            raise ValueError(f"vmap.to_union[{m}] must have 1 to {MAX_VOCAB} entries, got {fwd.numel()}")
+        if fwd.numel() and (int(fwd.min()) < -1 or int(fwd.max()) >= U):
+            raise ValueError(f"vmap.to_union[{m}] entries must be -1 or union ids in [0, {U})")
+    back = getattr(vmap, "from_union", None)
+    if back is not None:
+        if len(back) != len(maps):
+            raise ValueError(f"vmap.from_union must hold {len(maps)} tensors, got {len(back)}")
+        for m, rev in enumerate(back):
+            if not isinstance(rev, torch.Tensor) or tuple(rev.shape) != (U,):
+                raise ValueError(f"vmap.from_union[{m}] must be an int32 tensor of shape [{U}]")
+            if int(rev.min()) < -1 or int(rev.max()) >= maps[m].numel():
+                raise ValueError(f"vmap.from_union[{m}] entries must be -1 or ids in [0, {maps[m].numel()})")
+
+
+# (id(vmap), device) -> (weakref to vmap, tables). The weakref guards against a recycled id().
+_CACHE: dict = {}
+
+
+def tables_for(vmap, device) -> EnsembleTables:
+    """The (cached) device tables of ``vmap``. Built and validated once per map and device; the map must
+    not be mutated afterwards."""
+    device = torch.device(device)
+    key = (id(vmap), str(device))
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is vmap:
+        return hit[1]
+    check_map(vmap)
+    tables = _tables(list(vmap.to_union), vmap.union_size, getattr(vmap, "from_union", None), device)
+    try:
+        ref = weakref.ref(vmap)
+    except TypeError:  # objects without weakref support are cached by id only while alive in the caller
+        ref = (lambda obj: (lambda: obj))(vmap)
+    _CACHE[key] = (ref, tables)
+    return tables

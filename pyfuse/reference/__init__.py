@@ -1,0 +1,1 @@
+"""Plain-torch reference implementations: the specification every backend is tested against."""

@@ -1,0 +1,192 @@
+"""Argument checks shared by the speculative-decoding ops (chain and tree verification).
+
+Shape/dtype checks raise at once. Checks that read tensor data (ids in the vocabulary, probability rows,
+``cu_num_draft_tokens`` consistency) are collected in a ``ValueChecks`` and evaluated together with a single
+host sync; public functions skip them with ``validate=False`` (hot loops), in which case the kernels still
+only ever emit ids in ``[0, V)``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+
+import torch
+
+from .._validate import check_float_tensor, check_seed, check_tensor
+
+ID_DTYPES = (torch.int32, torch.int64)
+
+# |sum(row) - 1| allowed for probability rows, by dtype (fp16/bf16 rows carry their rounding error).
+PROB_SUM_ATOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+class ValueChecks:
+    """Data-dependent checks, evaluated together: one host sync for all of them."""
+
+    def __init__(self):
+        self._items = []
+
+    def add(self, value: torch.Tensor, ok, message: str):
+        """``ok(float) -> bool`` judges ``value`` (0-d tensor); ``message`` may contain ``{}`` for it."""
+        self._items.append((value, ok, message))
+
+    def run(self):
+        if not self._items:
+            return
+        values = [v for v, _, _ in self._items]
+        if values[0].device.type == "cpu":
+            numbers_ = [v.item() for v in values]
+        else:
+            numbers_ = torch.stack([v.to(torch.float64) for v in values]).tolist()
+        for number, (_, ok, message) in zip(numbers_, self._items):
+            if not ok(number):
+                raise ValueError(message.format(number))
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainLayout:
+    batch: int  # B
+    vocab: int  # V
+    num_draft: int  # padded: K; ragged: T
+    width: int  # output columns: max_draft_len + 1
+    ragged: bool
+
+
+def check_ids_tensor(name: str, t, ndim) -> torch.Tensor:
+    return check_tensor(name, t, dtypes=ID_DTYPES, ndim=ndim)
+
+
+def check_max_draft_len(value, default: int) -> int:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+        raise ValueError(f"max_draft_len must be an int >= 0, got {value!r}")
+    return int(value)
+
+
+def chain_layout(draft_token_ids, target, target_name: str, cu_num_draft_tokens, max_draft_len) -> ChainLayout:
+    """Checks the shapes of a chain batch (padded or ragged) and returns its sizes."""
+    check_float_tensor(target_name, target)
+    if cu_num_draft_tokens is None:
+        check_ids_tensor("draft_token_ids", draft_token_ids, 2)
+        batch, k = draft_token_ids.shape
+        if target.dim() != 3 or tuple(target.shape[:2]) != (batch, k + 1):
+            raise ValueError(f"{target_name} must have shape [B, K+1, V] = [{batch}, {k + 1}, V] for draft_token_ids "
+                             f"of shape [B, K] = {list(draft_token_ids.shape)}; got {list(target.shape)}")
+        if max_draft_len is not None and max_draft_len != k:
+            raise ValueError(f"max_draft_len must be None or K = {k} in the padded layout, got {max_draft_len!r}")
+        layout = ChainLayout(batch, target.shape[-1], k, k + 1, False)
+    else:
+        check_ids_tensor("cu_num_draft_tokens", cu_num_draft_tokens, 1)
+        check_ids_tensor("draft_token_ids", draft_token_ids, 1)
+        if cu_num_draft_tokens.numel() < 1:
+            raise ValueError("cu_num_draft_tokens must have B + 1 >= 1 entries (leading 0)")
+        batch, total = cu_num_draft_tokens.numel() - 1, draft_token_ids.numel()
+        if target.dim() != 2 or target.shape[0] != total + batch:
+            raise ValueError(f"{target_name} must have shape [T+B, V] = [{total + batch}, V] (T = {total} draft tokens, "
+                             f"B = {batch} requests); got {list(target.shape)}")
+        width = check_max_draft_len(max_draft_len, total) + 1
+        layout = ChainLayout(batch, target.shape[-1], total, width, True)
+    if layout.vocab < 1:
+        raise ValueError(f"{target_name} must have a vocabulary dimension V >= 1")
+    return layout
+
+
+def check_draft_rows(name: str, draft, layout: ChainLayout) -> torch.Tensor:
+    check_float_tensor(name, draft)
+    expected = (layout.num_draft, layout.vocab) if layout.ragged else (layout.batch, layout.num_draft, layout.vocab)
+    if tuple(draft.shape) != expected:
+        raise ValueError(f"{name} must have shape {list(expected)} (one row per draft token); got {list(draft.shape)}")
+    return draft
+
+
+def check_temperature(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float > 0, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite float > 0, got {value}")
+    return value
+
+
+def check_nonnegative(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a float >= 0, got {type(value).__name__}")
+    value = float(value)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{name} must be a finite float >= 0, got {value}")
+    return value
+
+
+def check_seed_arg(seed, batch: int, device):
+    """Returns (seed int mod 2**64, None) for an int, (0, int64 tensor [B]) for per-request seeds, or a fresh
+    seed from torch's default CPU generator for None."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (), dtype=torch.int64).item()), None
+    if isinstance(seed, torch.Tensor):
+        check_ids_tensor("seed", seed, 1)
+        if seed.shape[0] != batch:
+            raise ValueError(f"seed tensor must have shape [B] = [{batch}] (one seed per request); got {list(seed.shape)}")
+        if seed.device != device:
+            raise ValueError(f"seed tensor must be on {device}, got {seed.device}")
+        return 0, seed.to(torch.int64).contiguous()
+    return check_seed("seed", seed), None
+
+
+def check_uniforms(name: str, uniforms, target: torch.Tensor) -> torch.Tensor:
+    check_tensor(name, uniforms, dtypes=(torch.float32,))
+    expected = (2,) + tuple(target.shape[:-1])
+    if tuple(uniforms.shape) != expected:
+        raise ValueError(f"{name} must have shape {list(expected)} = (2, *target.shape[:-1]): [0] accept draws, "
+                         f"[1] recovered/bonus draws; got {list(uniforms.shape)}")
+    return uniforms
+
+
+# ---- data-dependent checks (ValueChecks) ----------------------------------------------------------------
+
+def ids_in_vocab(checks: ValueChecks, name: str, ids: torch.Tensor, vocab: int):
+    if ids.numel() == 0:
+        return
+    lo, hi = torch.aminmax(ids)
+    checks.add(lo, lambda v: v >= 0, f"{name} must be in [0, {vocab}); found {{:.0f}}")
+    checks.add(hi, lambda v: v < vocab, f"{name} must be in [0, V = {vocab}); found {{:.0f}}")
+
+
+def probs_rows(checks: ValueChecks, name: str, p: torch.Tensor):
+    """Every row finite, non-negative and summing to 1 within PROB_SUM_ATOL."""
+    if p.numel() == 0:
+        return
+    atol = PROB_SUM_ATOL[p.dtype]
+    worst = (p.sum(dim=-1, dtype=torch.float32) - 1).abs().max()  # NaN / inf anywhere propagate here
+    checks.add(worst, lambda v: v <= atol,
+               f"{name}: every row must be finite and sum to 1 within {atol}; worst |sum - 1| = {{}}")
+    checks.add(p.amin(), lambda v: v >= 0, f"{name} must be non-negative; found {{}}")
+
+
+def logits_rows(checks: ValueChecks, name: str, logits: torch.Tensor):
+    """No NaN or +inf, and at least one finite logit per row (-inf masks are allowed)."""
+    if logits.numel() == 0:
+        return
+    worst = logits.amax(dim=-1).float().abs().max()  # NaN, +inf and all -inf rows make this non-finite
+    checks.add(worst, math.isfinite, f"{name}: rows must hold no NaN or +inf and at least one finite value")
+
+
+def cu_consistent(checks: ValueChecks, cu: torch.Tensor, total: int, max_draft_len: int):
+    """cu_num_draft_tokens: leading 0, non-decreasing, last entry T, counts <= max_draft_len."""
+    name = "cu_num_draft_tokens"
+    checks.add(cu[0], lambda v: v == 0, f"{name}[0] must be 0, got {{:.0f}}")
+    checks.add(cu[-1], lambda v: v == total, f"{name}[-1] must equal T = {total} draft tokens, got {{:.0f}}")
+    if cu.numel() > 1:
+        lo, hi = torch.aminmax(cu.diff())
+        checks.add(lo, lambda v: v >= 0, f"{name} must be non-decreasing; found a step of {{:.0f}}")
+        checks.add(hi, lambda v: v <= max_draft_len,
+                   f"{name}: a request has {{:.0f}} draft tokens, more than max_draft_len = {max_draft_len}")
+
+
+def uniforms_in_range(checks: ValueChecks, name: str, uniforms: torch.Tensor):
+    if uniforms.numel() == 0:
+        return
+    lo, hi = torch.aminmax(uniforms)
+    checks.add(lo, lambda v: v >= 0, f"{name} must be in [0, 1); found {{}}")
+    checks.add(hi, lambda v: v < 1, f"{name} must be in [0, 1); found {{}}")

@@ -1,0 +1,62 @@
+"""Backend reporting and selection: explicit argument > use_backend > PYFUSE_BACKEND > device default;
+an unusable backend raises with its reason."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyfuse
+from pyfuse._backend import call_kernel, resolve_backend
+
+
+def test_backends_report_every_backend_with_reason():
+    status = pyfuse.backends()
+    assert set(status) == {"reference", "cpu", "cuda", "triton"}
+    assert status["reference"].usable and status["cpu"].usable
+    for s in status.values():
+        assert s.reason
+    if not torch.cuda.is_available():
+        assert not status["cuda"].usable
+        assert "no CUDA device" in status["cuda"].reason or "not built" in status["cuda"].reason
+
+
+def test_selection_precedence(monkeypatch):
+    monkeypatch.delenv("PYFUSE_BACKEND", raising=False)
+    assert resolve_backend("cpu") == "cpu"
+    monkeypatch.setenv("PYFUSE_BACKEND", "reference")
+    assert resolve_backend("cpu") == "reference"
+    with pyfuse.use_backend("cpu"):
+        assert resolve_backend("cpu") == "cpu"
+        with pyfuse.use_backend("reference"):
+            assert resolve_backend("cpu") == "reference"
+        assert resolve_backend("cpu", "reference") == "reference"
+    assert resolve_backend("cpu") == "reference"
+
+
+def test_unusable_backend_raises_with_reason(monkeypatch):
+    monkeypatch.delenv("PYFUSE_BACKEND", raising=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(pyfuse.BackendError, match="no CUDA device|not built"):
+            pyfuse.rand(4, seed=0, backend="cuda")
+    with pytest.raises(pyfuse.BackendError, match="unknown backend"):
+        with pyfuse.use_backend("fast"):
+            pass
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(pyfuse.BackendError, match="no GPU"):
+            resolve_backend("cpu", "triton")
+    with pytest.raises(pyfuse.BackendError, match="no backend for device type"):
+        resolve_backend("meta")
+
+
+def test_missing_kernel_is_an_error():
+    with pytest.raises(pyfuse.BackendError, match="no 'cpu' kernel"):
+        call_kernel("no_such_op", "cpu")
+
+
+def test_python_m_pyfuse_info_runs():
+    proc = subprocess.run([sys.executable, "-m", "pyfuse", "info"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    for name in ("reference", "cpu", "cuda", "triton"):
+        assert name in proc.stdout
