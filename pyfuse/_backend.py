@@ -75,7 +75,8 @@ def _status(name: str) -> BackendStatus:
             return BackendStatus(name, True, f"triton {version}, interpreter only (TRITON_INTERPRET=1)", devices)
         if has_gpu:
             return BackendStatus(name, True, f"triton {version}", ("cuda",))
-        return BackendStatus(name, False, f"triton {version}, no GPU (set TRITON_INTERPRET=1 to run on CPU)", ())
+        return BackendStatus(name, False, f"triton {version}, interpreter only: no GPU "
+                             "(TRITON_INTERPRET=1 runs it on CPU tensors)", ())
     raise BackendError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")
 
 

@@ -83,7 +83,7 @@ def _progress():
     if Progress is None or not sys.stderr.isatty():
         yield lambda text: print(f"[pyfuse bench] {text}", file=sys.stderr, flush=True)
         return
-    columns = (SpinnerColumn(), TimeElapsedColumn(), TextColumn("{task.completed} timed"), TextColumn("{task.description}"))
+    columns = (SpinnerColumn(), TimeElapsedColumn(), TextColumn("step {task.completed}"), TextColumn("{task.description}"))
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("starting", total=None)
 
@@ -94,6 +94,8 @@ def _progress():
 
 
 def _bench(args) -> int:
+    import torch
+
     from pyfuse.bench import report as rep
     from pyfuse.bench.registry import discover, families
     from pyfuse.bench.runner import run
@@ -101,12 +103,20 @@ def _bench(args) -> int:
     if args.plot and rep.matplotlib_missing():
         print(f"pyfuse bench: {rep.matplotlib_missing()}", file=sys.stderr)
         return 2
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError as e:
+        print(f"pyfuse bench: bad --device {args.device!r}: {e}", file=sys.stderr)
+        return 2
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        print("pyfuse bench: --device cuda given but torch sees no CUDA device", file=sys.stderr)
+        return 2
     discover()
     if args.family is not None and args.family not in families():
         print(f"pyfuse bench: unknown family {args.family!r}; known: {', '.join(families())}", file=sys.stderr)
         return 2
     with _progress() as step:
-        result = run(args.device, args.quick, args.family, args.filter, step)
+        result = run(device, args.quick, args.family, args.filter, step)
     rep.print_table(result)
     if args.json:
         rep.write_json(result, args.json)

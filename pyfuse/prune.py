@@ -112,3 +112,46 @@ def _random_cpu(x, density, seed, rescale):
     cpu_ext().random_prune(src.data_ptr(), out.data_ptr(), x.numel(), dtype_code(x), density, rescale, seed,
                            RANDOM_PRUNE_PURPOSE)
     return out
+
+
+# ---- triton ------------------------------------------------------------------------------------------
+
+
+@register_kernel("magnitude_prune", "triton")
+def _magnitude_triton(x, k):
+    from .kernels import prune as kernels
+
+    src, out = _source_and_out(x)
+    return kernels.magnitude_prune(src, out, k) if x.numel() else out
+
+
+@register_kernel("random_prune", "triton")
+def _random_triton(x, density, seed, rescale):
+    from .kernels import prune as kernels
+
+    src, out = _source_and_out(x)
+    if x.numel():
+        lo, hi = V.split_seed(seed)
+        kernels.random_prune(src, out, density, lo, hi, rescale, RANDOM_PRUNE_PURPOSE)
+    return out
+
+
+# ---- cuda --------------------------------------------------------------------------------------------
+
+
+@register_kernel("magnitude_prune", "cuda")
+def _magnitude_cuda(x, k):
+    ext = cuda_ext()
+    src, out = _source_and_out(x)
+    workspace = torch.empty(ext.select_workspace_bytes(x.numel()), dtype=torch.uint8, device=x.device)
+    ext.magnitude_prune(src.data_ptr(), out.data_ptr(), x.numel(), dtype_code(x), k, workspace.data_ptr(),
+                        stream_of(x))
+    return out
+
+
+@register_kernel("random_prune", "cuda")
+def _random_cuda(x, density, seed, rescale):
+    src, out = _source_and_out(x)
+    cuda_ext().random_prune(src.data_ptr(), out.data_ptr(), x.numel(), dtype_code(x), density, rescale, seed,
+                            RANDOM_PRUNE_PURPOSE, stream_of(x))
+    return out

@@ -19,7 +19,7 @@ PYFUSE_BINDINGS(spec_tree) {
                              reinterpret_cast<const int64_t*>(seeds), row_streams,
                              reinterpret_cast<const float*>(uniforms),
                              reinterpret_cast<const float*>(final_uniforms),
-                             reinterpret_cast<int64_t*>(work),
+                             reinterpret_cast<double*>(work),
                              reinterpret_cast<int32_t*>(accept_index),
                              reinterpret_cast<int32_t*>(accept_len),
                              reinterpret_cast<int32_t*>(token_ids),

@@ -25,25 +25,34 @@ namespace {
 using select::kChunk;
 
 // out[i] = x[i] where key >= lo, else +0, as an integer bit-mask select so that it vectorizes.
-// Returns how many keys lie in [lo, hi) (the boundary bucket; 0 when hi <= lo).
-template <class Bits>
-PYFUSE_INLINE int64_t keep_from_body(const Bits* x, Bits* out, int64_t len, uint32_t lo, uint32_t hi) {
+// With band != nullptr also flags band[i] = (lo <= key < hi) (the boundary bucket) and returns how
+// many were flagged.
+template <class Bits, bool kBand>
+PYFUSE_INLINE int64_t keep_from_body(const Bits* x, Bits* out, uint8_t* band, int64_t len, uint32_t lo, uint32_t hi) {
   constexpr uint32_t kAbs = sizeof(Bits) == 4 ? 0x7fffffffu : 0x7fffu;
   int64_t in_band = 0;
   for (int64_t i = 0; i < len; ++i) {
     const uint32_t key = uint32_t(x[i]) & kAbs;
     const Bits keep = Bits(0) - Bits(key >= lo);
     out[i] = x[i] & keep;
-    in_band += (key >= lo) & (key < hi);
+    if (kBand) {
+      const uint8_t f = uint8_t((key >= lo) & (key < hi));
+      band[i] = f;
+      in_band += f;
+    }
   }
   return in_band;
 }
 
-PYFUSE_CLONES int64_t keep_from(const uint32_t* x, uint32_t* out, int64_t len, uint32_t lo, uint32_t hi) {
-  return keep_from_body(x, out, len, lo, hi);
+PYFUSE_CLONES int64_t keep_from(const uint32_t* x, uint32_t* out, uint8_t* band, int64_t len, uint32_t lo,
+                                uint32_t hi) {
+  return band ? keep_from_body<uint32_t, true>(x, out, band, len, lo, hi)
+              : keep_from_body<uint32_t, false>(x, out, band, len, lo, hi);
 }
-PYFUSE_CLONES int64_t keep_from(const uint16_t* x, uint16_t* out, int64_t len, uint32_t lo, uint32_t hi) {
-  return keep_from_body(x, out, len, lo, hi);
+PYFUSE_CLONES int64_t keep_from(const uint16_t* x, uint16_t* out, uint8_t* band, int64_t len, uint32_t lo,
+                                uint32_t hi) {
+  return band ? keep_from_body<uint16_t, true>(x, out, band, len, lo, hi)
+              : keep_from_body<uint16_t, false>(x, out, band, len, lo, hi);
 }
 
 // Candidate offsets inside one fixed chunk fit 16 bits.
@@ -93,11 +102,16 @@ struct MagnitudePrune {
 #pragma omp parallel for schedule(static) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t cbegin = c * kChunk, cend = std::min(n, cbegin + kChunk);
+      alignas(8) uint8_t band[kBlock];
       for (int64_t begin = cbegin; begin < cend; begin += kBlock) {
         const int64_t len = std::min(kBlock, cend - begin);
-        if (keep_from(x + begin, out + begin, len, lo, hi) == 0) continue;
-        for (int64_t i = begin; i < begin + len; ++i) {
-          if (key(i) >= lo && key(i) < hi) cand[c].push_back(uint16_t(i - cbegin));
+        if (keep_from(x + begin, out + begin, band, len, lo, hi) == 0) continue;
+        // Skip unflagged elements 8 at a time; flags are 0/1 bytes, so bit 8j marks element j.
+        for (int64_t w = 0; w < len; w += 8) {
+          uint64_t bits = 0;
+          memcpy(&bits, band + w, size_t(std::min<int64_t>(8, len - w)));
+          for (; bits; bits &= bits - 1)
+            cand[c].push_back(uint16_t(begin - cbegin + w + (__builtin_ctzll(bits) >> 3)));
         }
       }
     }
@@ -129,7 +143,7 @@ struct MagnitudePrune {
           t.split() ? (c + 1 < chunks ? t.equal_before[c + 1] : t.equal_total) - t.equal_before[c] : 0;
       if (quota >= equal_here || quota == 0) {
         const uint32_t lo = quota == 0 ? t.key + 1u : t.key;
-        keep_from(x + begin, out + begin, len, lo, lo);
+        keep_from(x + begin, out + begin, nullptr, len, lo, lo);
         continue;
       }
       int64_t seen = 0;

@@ -74,7 +74,11 @@ void histogram(int64_t n, KeyFn key_of, BinFn bin_of, int64_t bins, std::vector<
   const int64_t chunks = num_chunks(n);
 #pragma omp parallel if (chunks > 1)
   {
+    // Private copies: the hot loop must not reload captured state after every histogram store.
+    const KeyFn key = key_of;
+    const BinFn bin = bin_of;
     std::vector<uint32_t> local(bins, 0);
+    uint32_t* const h = local.data();
     int64_t pending = 0;
     auto flush = [&]() {
 #pragma omp critical(pyfuse_select_hist)
@@ -86,7 +90,7 @@ void histogram(int64_t n, KeyFn key_of, BinFn bin_of, int64_t bins, std::vector<
     for (int64_t c = 0; c < chunks; ++c) {
       if (pending + kChunk > int64_t(UINT32_MAX)) flush();
       const int64_t end = std::min(n, (c + 1) * kChunk);
-      for (int64_t i = c * kChunk; i < end; ++i) bin_of(key_of(i), local.data());
+      for (int64_t i = c * kChunk; i < end; ++i) bin(key(i), h);
       pending += kChunk;
     }
     flush();

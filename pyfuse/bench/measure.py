@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import gc
 import math
 import re
 import statistics
@@ -124,7 +123,6 @@ def cpu_peak_supported() -> str:
 def peak_extra_bytes(fn: Callable[[], object], device) -> int | None:
     """Memory a call needs beyond its inputs and its output (see MEMORY_METHOD_*); None when unmeasurable."""
     device = torch.device(device)
-    gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)

@@ -14,7 +14,8 @@ from typing import Callable, Iterator, Mapping
 
 import torch
 
-__all__ = ["BenchCase", "register_cases", "backend_providers", "discover", "families", "generators", "iter_cases"]
+__all__ = ["BenchCase", "register_cases", "backend_providers", "discover", "families", "generators", "select",
+           "iter_cases"]
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ def _mib(n: int | None) -> str:
 
 
 def _speedup(r: Result) -> str:
-    return ", ".join(f"{ratio:.2f}x vs {peer}" for peer, ratio in r.speedup.items())
+    return ", ".join(f"{ratio:.3g}x vs {peer}" for peer, ratio in r.speedup.items())
 
 
 def rows(report: BenchReport) -> list[tuple[str, ...]]:
@@ -97,16 +97,9 @@ def _print_plain(report: BenchReport, file: TextIO) -> None:
     print(f"{len(report.results)} results in {report.elapsed_s:.1f} s", file=file)
 
 
-def to_json(report: BenchReport) -> dict:
-    data = dataclasses.asdict(report)
-    for r, d in zip(report.results, data["results"]):
-        d["case"] = r.case
-    return data
-
-
 def write_json(report: BenchReport, path: str) -> None:
     with open(path, "w") as f:
-        json.dump(to_json(report), f, indent=2)
+        json.dump(dataclasses.asdict(report), f, indent=2)
 
 
 def matplotlib_missing() -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import platform
 import time
@@ -22,6 +21,7 @@ QUICK = {"budget_s": 0.05, "min_reps": 3}
 
 @dataclass(frozen=True)
 class Result:
+    case: str  # BenchCase.name
     family: str
     op: str
     params: str
@@ -33,10 +33,6 @@ class Result:
     pct_copy: float
     peak_extra_bytes: int | None
     speedup: dict[str, float]  # peer -> peer time / this time; pyfuse providers only
-
-    @property
-    def case(self) -> str:
-        return f"{self.family}/{self.op}[{self.params}]"
 
 
 @dataclass(frozen=True)
@@ -107,7 +103,7 @@ def _run_case(case: BenchCase, device, settings: dict, copy_gbps: float, report:
         if provider.startswith("pyfuse:"):
             speedup = {p: timings[p].median_s / t.median_s for p in case.peers if p in timings}
         report.results.append(
-            Result(case.family, case.op, case.params, provider, t.median_s, t.min_s, t.reps, gbps,
+            Result(case.name, case.family, case.op, case.params, provider, t.median_s, t.min_s, t.reps, gbps,
                    100.0 * gbps / copy_gbps, memory[provider], speedup)
         )
 
@@ -138,7 +134,6 @@ def run(device=None, quick: bool = False, family: str | None = None, filter: str
                 report.skipped.append(Skip(fam, "*", f"case generator failed: {type(e).__name__}: {e}", True))
                 break
             _run_case(case, device, settings, copy["median_gbps"], report, step)
-            del case
-            gc.collect()  # free this case's inputs before the next one allocates
+            del case  # free this case's inputs before the next one allocates
     report.elapsed_s = time.perf_counter() - start
     return report

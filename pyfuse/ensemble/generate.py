@@ -20,7 +20,8 @@ from collections.abc import Sequence
 
 import torch
 
-from .ops import next_token
+from ..philox import rand
+from .ops import next_token, union_topk
 from .vocab import VocabMap
 
 # Re-tokenisation starts at most this many tokens back, at the nearest word start.
@@ -36,8 +37,10 @@ def generate(models: Sequence[torch.nn.Module], tokenizers: Sequence, prompts: s
     """Generate from an ensemble of Hugging Face causal LMs; returns the generated text of each prompt
     (a `str` for a `str` prompt, else a list).
 
-    `weights`: one non-negative weight per model (default equal). `greedy=False` samples with pyfuse's
-    Philox (`seed` required). `mode`, `top_k`: passed to `pyfuse.ensemble.next_token`. `vmap`: a
+    `weights`: one non-negative weight per model (default equal). `mode`: "prob" (weighted mean of the
+    models' probabilities) or "logprob" (product of experts). `greedy=False` samples with pyfuse's Philox
+    (`seed` required; step t uses Philox stream t). `top_k`: choose among the UniTE-style top-k union
+    candidates (`pyfuse.ensemble.union_topk`) instead of the full union (`next_token`). `vmap`: a
     `VocabMap` of these tokenizers (built with `VocabMap.from_tokenizers` when None).
     """
     models, tokenizers, batch = _check_args(models, tokenizers, prompts, max_new_tokens, greedy, seed)
@@ -50,7 +53,6 @@ def generate(models: Sequence[torch.nn.Module], tokenizers: Sequence, prompts: s
         raise ValueError(f"vmap was built for vocabularies {list(vmap.vocab_sizes)}, the models' logits "
                          f"have widths {sizes}")
     device = _device(models[0])
-    vmap = vmap.to(device)
     streams = [_Stream(model, tok, vmap, m, batch) for m, (model, tok) in enumerate(zip(models, tokenizers))]
     eos = vmap.eos_id
     text = [bytearray() for _ in batch]
@@ -58,8 +60,9 @@ def generate(models: Sequence[torch.nn.Module], tokenizers: Sequence, prompts: s
     with torch.no_grad():
         for step in range(max_new_tokens):
             logits = [s.forward(active).to(device) for s in streams]
-            chosen = next_token(logits, vmap, weights, greedy=greedy, seed=seed, stream=step,
-                                mode=mode, top_k=top_k)[0].tolist()
+            if len({x.dtype for x in logits}) > 1:  # the op takes one dtype
+                logits = [x.float() for x in logits]
+            chosen = _choose(logits, vmap, weights, greedy, seed, step, mode, top_k).tolist()
             for b, u in enumerate(chosen):
                 if not active[b]:
                     continue
@@ -74,6 +77,22 @@ def generate(models: Sequence[torch.nn.Module], tokenizers: Sequence, prompts: s
                 break
     texts = [bytes(t).decode("utf-8", errors="replace") for t in text]
     return texts[0] if isinstance(prompts, str) else texts
+
+
+def _choose(logits, vmap, weights, greedy, seed, step, mode, top_k) -> torch.Tensor:
+    """Union id per row (-1: nothing has positive probability). `step` is the Philox stream, so that
+    every step draws fresh numbers."""
+    if top_k is None:
+        return next_token(logits, vmap, weights, greedy=greedy, seed=seed, stream=step, mode=mode).union_ids
+    probs, ids = union_topk(logits, vmap, top_k, weights, mode=mode)  # sorted, best first
+    if greedy:
+        return ids[:, 0]
+    # Inverse-CDF draw over the k candidates; the tail past the last real candidate is never picked.
+    cdf = torch.cumsum(probs, dim=1)
+    target = rand(probs.shape[0], seed=seed, stream=step, device=probs.device) * cdf[:, -1]
+    last = (ids >= 0).sum(dim=1) - 1
+    pick = torch.minimum((cdf <= target[:, None]).sum(dim=1), last.clamp(min=0))
+    return torch.gather(ids, 1, pick[:, None])[:, 0]
 
 
 class _Stream:

@@ -139,3 +139,29 @@ def tables_for(vmap, device) -> EnsembleTables:
         ref = (lambda obj: (lambda: obj))(vmap)
     _CACHE[key] = (ref, tables)
     return tables
+
+
+def synthetic_map(vocab_sizes, *, overlap: float = 0.7, many_to_one: float = 0.02, padding: int = 64,
+                  seed: int = 0) -> SimpleVocabMap:
+    """A random vocabulary map for tests and benchmarks: model 0's ids are union ids 0..; every later model
+    shares a fraction ``overlap`` of its ids with the union built so far and adds the rest as new ids; a
+    fraction ``many_to_one`` of each model's ids repeats another id of the same model; the last ``padding``
+    ids of each model (when V_m > 2 * padding) are padded rows mapped to -1."""
+    gen = torch.Generator().manual_seed(seed)
+    to_union, U = [], 0
+    for V in vocab_sizes:
+        pad = padding if V > 2 * padding else 0
+        n = V - pad
+        if U == 0:
+            fwd = torch.randperm(n, generator=gen)
+        else:
+            shared = int(round(overlap * n))
+            old = torch.randperm(U, generator=gen)[:min(shared, U)]
+            new = torch.arange(U, U + n - old.numel())
+            fwd = torch.cat([old, new])[torch.randperm(n, generator=gen)]
+        dup = torch.rand(n, generator=gen) < many_to_one
+        src = torch.randint(0, n, (n,), generator=gen)
+        fwd = torch.where(dup, fwd[src], fwd)
+        U = max(U, int(fwd.max()) + 1)
+        to_union.append(torch.cat([fwd, torch.full((pad,), -1, dtype=torch.int64)]).to(torch.int32))
+    return SimpleVocabMap(to_union, U)

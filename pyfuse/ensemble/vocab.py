@@ -100,11 +100,6 @@ class VocabMap:
             raise ValueError(f"union id must be in [0, {self.union_size}), got {u}")
         return int(u)
 
-    def to(self, device) -> VocabMap:
-        """A copy whose index tensors live on `device` (the op reads them there)."""
-        return VocabMap(self._bytes, self._roles, [t.to(device) for t in self.to_union],
-                        [t.to(device) for t in self.from_union])
-
     def __repr__(self) -> str:
         return (f"VocabMap(union_size={self.union_size}, vocab_sizes={list(self.vocab_sizes)}, "
                 f"specials={sorted(self._role_ids)})")

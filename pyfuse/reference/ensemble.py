@@ -12,7 +12,8 @@ weights w [M] (normalised to sum 1, >= 0). Only ids with ``to_union[m][v] >= 0``
    mode "logprob": key(u) = (sum_m w_m * log_det(P_m(u))) * c(u), r(u) = exp_det(key(u) - max key)
    In logprob mode a model is left out of the sum when w_m == 0 or (renormalize and it lacks u); a union
    id no model contributes to gets key -inf. Sums over m run in model order.
-4. p(u) = r(u) * inv_z, Z = fixed-point sum of r over the union; p = 0 everywhere when Z == 0.
+4. p(u) = r(u) * inv_z, Z = fixed-point sum of r over the union (inv_z = 0 when Z == 0). In mode "prob"
+   with absent="zero" the keys already sum to 1 (up to rounding): inv_z = 1 there, p(u) = key(u).
 
 Bit-exact on every backend: every float operation above is a single IEEE operation in a fixed order,
 ``exp_det``/``log_det`` are Cephes polynomials written with +, * and bit operations only (no libm, no FMA),
@@ -144,18 +145,21 @@ def union_keys(logits, tables, weights, cpat, inv_temp, logprob, renormalize):
     return combine(P, present, weights, cpat, logprob, renormalize)
 
 
-def scores(key: torch.Tensor, logprob: bool):
-    """(r, inv_z) from keys: r = key (prob) or exp_det(key - max key) (logprob)."""
+def scores(key: torch.Tensor, logprob: bool, normalize: bool = True):
+    """(r, inv_z) from keys: r = key (prob) or exp_det(key - max key) (logprob); inv_z = 1 unless normalize."""
     if logprob:
         kmax = key.amax(dim=1, keepdim=True)
         r = torch.where(kmax > float("-inf"), exp_det(key - kmax), torch.zeros_like(key))
     else:
         r = key
+    if not normalize:
+        return r, torch.ones(key.shape[0], dtype=torch.float32, device=key.device)
     return r, unfix_recip(fix(r).sum(dim=1))
 
 
 def union_probs(logits, tables, weights, cpat, inv_temp, logprob, renormalize):
-    r, inv_z = scores(union_keys(logits, tables, weights, cpat, inv_temp, logprob, renormalize), logprob)
+    key = union_keys(logits, tables, weights, cpat, inv_temp, logprob, renormalize)
+    r, inv_z = scores(key, logprob, logprob or renormalize)
     return r * inv_z[:, None]
 
 
@@ -175,7 +179,7 @@ def sample_target(total: torch.Tensor, seed: int, stream: int) -> torch.Tensor:
 def next_token(logits, tables, weights, cpat, inv_temp, logprob, renormalize, greedy, seed, stream):
     """(union_ids [B] int64, model_ids [B, M] int64, prob [B] float32)."""
     key = union_keys(logits, tables, weights, cpat, inv_temp, logprob, renormalize)
-    r, inv_z = scores(key, logprob)
+    r, inv_z = scores(key, logprob, logprob or renormalize)
     fr = fix(r)
     total = fr.sum(dim=1)
     if greedy:
@@ -230,8 +234,10 @@ def union_topk(logits, tables, weights, cpat, inv_temp, logprob, renormalize, k)
     r = torch.where(dup, torch.zeros_like(r), r)
     inv_z = unfix_recip(fix(r).sum(dim=1))
     p = r * inv_z[:, None]
-    # Order: key desc, union id asc; duplicates last. Stable sort on key after sorting by id.
-    order = torch.sort(key, dim=1, descending=True, stable=True).indices[:, :k]
+    # Order: key desc, union id asc (candidates are sorted by id and the sorts are stable); duplicates last.
+    order = torch.sort(key, dim=1, descending=True, stable=True).indices
+    last = torch.sort(torch.gather(dup, 1, order).to(torch.int8), dim=1, stable=True).indices
+    order = torch.gather(order, 1, last)[:, :k]
     ids = torch.gather(cand, 1, order)
     probs = torch.gather(p, 1, order)
     gone = torch.gather(dup, 1, order)

@@ -18,7 +18,8 @@ from draft row i). Modes, at the current node with children c_1..c_S in sibling 
   child token; accept child k when u * P < acc_k. Final draw from the target with the tried tokens removed.
 - stochastic (SpecInfer/EAGLE recursive rejection; siblings assumed drafted i.i.d. from the draft row): with
   residual r (starting at the target), accept child c (token x) when u_c * q(x) < r(x), u_c = uniforms[c];
-  otherwise r <- norm(max(r - q, 0)). Final draw from the last residual.
+  otherwise r <- norm(max(r - q, 0)). Final draw from the last residual. Rows are normalised by multiplying
+  with the double reciprocal of their integer total.
 
 Final draw (correction after a rejection, or bonus at a leaf / at max_depth): the first token x whose
 cumulative weight exceeds u * total, u = final_uniforms[b]. An all-zero residual falls back to the target row,
@@ -39,10 +40,15 @@ def weights(row: torch.Tensor) -> torch.Tensor:
     return (p * SCALE).to(torch.int64)
 
 
-def residual(w: torch.Tensor, total: int, wq: torch.Tensor, q_total: int) -> torch.Tensor:
-    """Weights of norm(max(w / total - q, 0)), re-quantised to 2**32 (total > 0)."""
-    q = wq.double() / q_total if q_total > 0 else torch.zeros_like(wq, dtype=torch.float64)
-    r = (w.double() / total - q).clamp(min=0.0)
+def reciprocal(total: int) -> float:
+    """1 / total, 0 for an empty distribution: rows are normalised by this multiplier (kernels avoid a
+    division per token)."""
+    return 1.0 / total if total > 0 else 0.0
+
+
+def residual(w: torch.Tensor, inv: float, wq: torch.Tensor, q_inv: float) -> torch.Tensor:
+    """Weights of max(w * inv - wq * q_inv, 0), re-quantised to 2**32."""
+    r = (w.double() * inv - wq.double() * q_inv).clamp(min=0.0)
     return (r * SCALE).to(torch.int64)
 
 
@@ -100,17 +106,15 @@ def _walk_row(cand, first, sibling, target, draft, mode, max_depth, u, u_final):
         else:
             w = weights(target[cur])
             wq = weights(draft[cur])
-            q_total = int(wq.sum())
+            q_inv = reciprocal(int(wq.sum()))
             for c in kids:
                 x = cand[c]
-                total = int(w.sum())
-                if 0 <= x < vocab and total > 0:
-                    qx = float(wq[x]) / q_total if q_total > 0 else 0.0
-                    if float(u[c]) * qx < float(w[x]) / total:
+                inv = reciprocal(int(w.sum()))
+                if 0 <= x < vocab and inv > 0:
+                    if float(u[c]) * (float(wq[x]) * q_inv) < float(w[x]) * inv:
                         found = c
                         break
-                if total > 0:
-                    w = residual(w, total, wq, q_total)
+                w = residual(w, inv, wq, q_inv)
             if found is None:
                 rejected = w
         if found is None:

@@ -292,3 +292,43 @@ def _run_cuda(tokens, num, args):
 
 _register_cxx("cpu", _run_cpu)
 _register_cxx("cuda", _run_cuda)
+
+
+# ---- triton backend -------------------------------------------------------------------------------------
+
+def _triton_run(mode, ids, target, draft, cu, seeds, uniforms, target_is_logits, draft_is_logits, temperature,
+                seed, max_draft_len, eps, delta):
+    from ..kernels import spec_chain as kernels
+
+    ragged = cu is not None
+    target, draft = _rows(target), _rows(draft)
+    tokens, num = _output_like(ids, cu, max_draft_len)
+    if tokens.shape[0]:
+        u_strides = (0, 0, 0)
+        if uniforms is not None:
+            u_strides = (uniforms.stride(0),) + ((0, uniforms.stride(1)) if ragged else uniforms.stride()[1:])
+        kernels.spec_chain(
+            tokens, num, cu.contiguous() if ragged else None, ids,
+            (0, ids.stride(0)) if ragged else ids.stride(), target, _row_strides(target, ragged),
+            draft, _row_strides(draft, ragged) if draft is not None else (0, 0), uniforms, u_strides, seeds, seed,
+            target.shape[-1], max_draft_len + 1, ids.shape[0] if ragged else ids.shape[1], temperature, eps, delta,
+            mode, target_is_logits, draft_is_logits)
+    return tokens, num
+
+
+@register_kernel("verify_greedy", "triton")
+def _verify_greedy_triton(ids, target, cu, max_draft_len):
+    return _triton_run(GREEDY, ids, target, None, cu, None, None, False, False, 1.0, 0, max_draft_len, 0.0, 0.0)
+
+
+@register_kernel("rejection_sample", "triton")
+def _rejection_sample_triton(ids, target, draft, cu, seeds, uniforms, target_is_logits, draft_is_logits,
+                             temperature, seed, max_draft_len):
+    return _triton_run(REJECTION, ids, target, draft, cu, seeds, uniforms, target_is_logits, draft_is_logits,
+                       temperature, seed, max_draft_len, 0.0, 0.0)
+
+
+@register_kernel("typical_accept", "triton")
+def _typical_accept_triton(ids, target, cu, target_is_logits, temperature, eps, delta, max_draft_len):
+    return _triton_run(TYPICAL, ids, target, None, cu, None, None, target_is_logits, False, temperature, 0,
+                       max_draft_len, eps, delta)

@@ -164,7 +164,7 @@ def philox_tree_uniforms(seeds: torch.Tensor, row_streams: bool, n: int) -> torc
     index = torch.arange(n, dtype=torch.int64, device=seeds.device).expand(batch, n)
     stream = (torch.arange(batch, dtype=torch.int64, device=seeds.device)[:, None] if row_streams
               else torch.zeros(batch, 1, dtype=torch.int64, device=seeds.device)).expand(batch, n)
-    draws = [uint_to_uniform_torch(philox_torch(index, torch.zeros_like(index), stream, purpose, k0, k1)[0])
+    draws = [uint_to_uniform_torch(philox_torch(index, torch.zeros_like(index), stream, torch.full_like(index, purpose), k0, k1)[0])
              for purpose in (PURPOSE_ACCEPT, PURPOSE_FINAL)]
     return torch.stack(draws)
 
@@ -190,7 +190,7 @@ def _kernel_args(candidates, next_token, next_sibling, target, draft, mode, max_
     tensors = [t.contiguous() for t in (candidates, next_token, next_sibling, seeds)]
     u = uniforms[0].contiguous() if uniforms is not None else None
     uf = uniforms[1, :, 0].contiguous() if uniforms is not None else None
-    work = torch.empty(batch, n, dtype=torch.int64, device=target.device)
+    work = torch.empty(batch, n, dtype=torch.float64, device=target.device)
     outs = _empty_outputs(batch, max_depth + 1, target.device)
     ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
     args = (*(ptr(t) for t in tensors[:3]), ptr(target), ptr(draft), dtype_code(target), batch, n, vocab,

@@ -178,13 +178,72 @@ PYFUSE_HD void write_request(const ChainArgs& a, int64_t b, const Span& s, int64
   a.out_num[b] = static_cast<int32_t>(accepted);
 }
 
-// The accept loop. Ops supplies the vocabulary-wide pieces (possibly block-collective on CUDA; every
-// thread of a block then runs this loop in lockstep with identical decisions):
-//   bool accept(b, span, i, x)            draft token x (valid id) at position i
-//   int64_t final_token(b, span, i, x)    token emitted at position i (x = rejected id, -1 if bonus
-//                                         or invalid); always in [0, V)
-template <class Ops>
-PYFUSE_HD void verify_request(const ChainArgs& a, int64_t b, Ops& ops, bool writer) {
+// One probability row, stored as probabilities or as logits (softmax(l / T) computed on the fly from the
+// row max m and normaliser s, which the backend's reduction fills in).
+struct ProbRow {
+  const void* ptr;
+  int32_t dtype;
+  int32_t logits;
+  float temperature;
+  int64_t off;
+  float m, s;
+
+  PYFUSE_HD float raw(int64_t j) const { return load_float(ptr, dtype, off + j); }
+  PYFUSE_HD float prob(int64_t j) const { return logits ? softmax_prob(raw(j), m, s, temperature) : raw(j); }
+};
+
+// Per-request decisions of every mode. R is the backend's vocabulary-wide reduction (sequential on the
+// CPU, block-collective on CUDA: every thread then runs this code in lockstep with identical results):
+//   ProbRow row(ptr, dtype, logits, off)       the row with its softmax statistics filled in
+//   int64_t argmax(row)                        lowest index of the max of row.raw (NaN never wins)
+//   float entropy(row)                         -sum p log p over p > 0
+//   int64_t inverse_cdf(weight, u)             first j whose inclusive prefix sum of weight(j) exceeds
+//                                              sample_threshold(u, total); -1 when total == 0
+template <class R>
+struct ChainOps {
+  const ChainArgs& a;
+  R& r;
+
+  PYFUSE_HD ProbRow target_row(int64_t b, const Span& s, int64_t i) {
+    return r.row(a.target, a.target_dtype, a.target_logits, target_offset(a, b, s, i));
+  }
+  PYFUSE_HD ProbRow draft_row(int64_t b, const Span& s, int64_t i) {
+    return r.row(a.draft, a.draft_dtype, a.draft_logits, draft_offset(a, b, s, i));
+  }
+
+  // Draft token x (a valid id) at position i.
+  PYFUSE_HD bool accept(int64_t b, const Span& s, int64_t i, int64_t x) {
+    const ProbRow p = target_row(b, s, i);
+    if (a.mode == kGreedy) return x == r.argmax(p);
+    if (a.mode == kTypical) return accept_typical(p.prob(x), r.entropy(p), a.typical_eps, a.typical_delta);
+    const float q = a.draft != nullptr ? draft_row(b, s, i).prob(x) : 1.0f;
+    return accept_ratio(draw(a, b, s, i, 0, kAcceptDraw), p.prob(x), q);
+  }
+
+  // Token emitted at position i: x is the rejected draft id (-1 when invalid or at the bonus row).
+  PYFUSE_HD int64_t final_token(int64_t b, const Span& s, int64_t i, int64_t x) {
+    const ProbRow p = target_row(b, s, i);
+    if (a.mode != kRejection) return r.argmax(p);
+    const auto plain = [&](int64_t j) { return fixed_weight(p.prob(j)); };
+    int64_t tok;
+    if (i < s.count) {  // recovered token from normalised max(0, p - q); q one-hot without draft rows
+      const float u = draw(a, b, s, i, 1, kResidualDraw);
+      const bool has_draft = a.draft != nullptr;
+      const ProbRow q = has_draft ? draft_row(b, s, i) : p;
+      tok = r.inverse_cdf(
+          [&](int64_t j) { return fixed_weight(p.prob(j) - (has_draft ? q.prob(j) : (j == x ? 1.0f : 0.0f))); }, u);
+      if (tok < 0) tok = r.inverse_cdf(plain, u);  // p <= q everywhere: fall back to p
+    } else {
+      tok = r.inverse_cdf(plain, draw(a, b, s, i, 1, kBonusDraw));
+    }
+    return tok < 0 ? a.vocab - 1 : tok;
+  }
+};
+
+// The accept loop: accepted prefix, then the final token; the writer stores the request's output row.
+template <class R>
+PYFUSE_HD void verify_request(const ChainArgs& a, int64_t b, R& reducer, bool writer) {
+  ChainOps<R> ops{a, reducer};
   const Span s = request_span(a, b);
   int64_t i = 0;
   int64_t rejected = -1;

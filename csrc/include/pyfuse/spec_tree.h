@@ -30,11 +30,21 @@ PYFUSE_HD int64_t weight(float p) {
 #endif
 }
 
-// One residual step: weight of max(w / total - wq / q_total, 0), re-quantised to 2^32.
-PYFUSE_HD int64_t residual_step(int64_t w, int64_t total, int64_t wq, int64_t q_total) {
-  if (total <= 0) return 0;
-  const double q = q_total > 0 ? static_cast<double>(wq) / static_cast<double>(q_total) : 0.0;
-  double r = static_cast<double>(w) / static_cast<double>(total) - q;
+// 1 / total, or 0 for an empty distribution (whose scaled weights then all read 0). Distributions are
+// normalised by multiplying with this reciprocal: one division per distribution, none per token (a double
+// division in the per-token loops makes CUDA spill).
+PYFUSE_HD double reciprocal(int64_t total) {
+  if (total <= 0) return 0.0;
+#if defined(__CUDA_ARCH__)
+  return __drcp_rn(static_cast<double>(total));  // IEEE round-to-nearest, as 1.0 / x on the host
+#else
+  return 1.0 / static_cast<double>(total);
+#endif
+}
+
+// One residual step: weight of max(w * inv - wq * q_inv, 0), re-quantised to 2^32.
+PYFUSE_HD int64_t residual_step(int64_t w, double inv, int64_t wq, double q_inv) {
+  double r = static_cast<double>(w) * inv - static_cast<double>(wq) * q_inv;
   if (!(r > 0.0)) r = 0.0;
   return static_cast<int64_t>(r * 4294967296.0);
 }
@@ -57,7 +67,7 @@ struct Row {
   const float* u_final;
   uint64_t seed;
   uint32_t stream;
-  int64_t* totals;  // [N] scratch: residual totals of the stochastic mode
+  double* inv_totals;  // [N] scratch: reciprocal totals of the stochastic residuals
   // Outputs.
   int32_t* accept_index;  // [max_depth + 1]
   int32_t* token_ids;     // [max_depth + 1]
@@ -102,7 +112,7 @@ struct Batch {
   int32_t row_streams;   // 1: Philox stream = row index (one seed for the batch); 0: stream 0
   const float* uniforms;        // [B, N] or nullptr
   const float* final_uniforms;  // [B] or nullptr
-  int64_t* work;                // [B, N] scratch
+  double* work;                 // [B, N] scratch
   int32_t* accept_index;        // [B, max_depth + 1]
   int32_t* accept_len;          // [B]
   int32_t* token_ids;           // [B, max_depth + 1]
@@ -128,7 +138,7 @@ PYFUSE_HD Row make_row(const Batch& a, int64_t b) {
   r.u_final = a.final_uniforms ? a.final_uniforms + b : nullptr;
   r.seed = static_cast<uint64_t>(a.seeds[b]);
   r.stream = a.row_streams ? static_cast<uint32_t>(b) : 0u;
-  r.totals = a.work + b * a.n;
+  r.inv_totals = a.work + b * a.n;
   r.accept_index = a.accept_index + b * width;
   r.token_ids = a.token_ids + b * width;
   r.accept_len = a.accept_len + b;
@@ -144,26 +154,34 @@ void verify_tree(const Batch& a, uintptr_t stream);
 }
 
 // Weight of token x in one of the walk's distributions: the row `p` pushed through `steps` residual steps
-// against `q`, with the tokens of `excluded`'s children removed (target_only's tried siblings).
+// against `q`, with the tokens of `excluded`'s children removed (target_only's tried siblings). Holds copies,
+// not a pointer to the Row, so that CUDA can keep both in registers.
 struct Weights {
-  const Row* row;
   const void* p;
   const void* q;
-  const int64_t* totals;
+  int32_t dtype;
+  const double* inv_totals;
   int64_t steps;
-  int64_t q_total;
+  double q_inv;
+  const int64_t* cand;
+  const int64_t* first;
+  const int64_t* sibling;
+  int64_t n;
   int64_t excluded;  // node whose children's tokens weigh 0, or -1
 
   PYFUSE_HD int64_t operator()(int64_t x) const {
-    int64_t w = weight(load_float(p, row->dtype, x));
+    int64_t w = weight(load_float(p, dtype, x));
     if (steps > 0) {
-      const int64_t wq = weight(load_float(q, row->dtype, x));
-      for (int64_t k = 0; k < steps; ++k) w = residual_step(w, totals[k], wq, q_total);
+      const int64_t wq = weight(load_float(q, dtype, x));
+      for (int64_t k = 0; k < steps; ++k) w = residual_step(w, inv_totals[k], wq, q_inv);
     }
     if (excluded >= 0) {
-      int64_t count = 1;
-      for (int64_t c = row->first_child(excluded); c >= 0; c = row->next_child(c, count++)) {
-        if (row->cand[c] == x) return 0;
+      // Same bounds as Row::first_child / Row::next_child.
+      int64_t c = first[excluded];
+      for (int64_t count = 1; c > 0 && c < n; ++count) {
+        if (cand[c] == x) return 0;
+        if (count >= n - 1) break;
+        c = sibling[c];
       }
     }
     return w;
@@ -171,7 +189,7 @@ struct Weights {
 };
 
 PYFUSE_HD Weights plain_weights(const Row& r, const void* p) {
-  Weights w = {&r, p, nullptr, nullptr, 0, 0, -1};
+  Weights w = {p, nullptr, r.dtype, r.inv_totals, 0, 0.0, r.cand, r.first, r.sibling, r.n, -1};
   return w;
 }
 
@@ -222,21 +240,17 @@ PYFUSE_HD void walk(const Row& r, Vocab& vocab) {
     } else {
       residual = plain_weights(r, r.target_row(cur));
       residual.q = r.draft_row(cur);
-      residual.totals = r.totals;
-      const int64_t q_total = vocab.sum(plain_weights(r, residual.q));
-      residual.q_total = q_total;
+      residual.q_inv = reciprocal(vocab.sum(plain_weights(r, residual.q)));
       for (int64_t c = r.first_child(cur); c >= 0 && found < 0; c = r.next_child(c, count++)) {
         const int64_t x = r.cand[c];
-        const int64_t total = vocab.sum(residual);
-        if (x >= 0 && x < r.vocab && total > 0) {
-          const double qx = q_total > 0 ? static_cast<double>(weight(load_float(residual.q, r.dtype, x))) /
-                                              static_cast<double>(q_total)
-                                        : 0.0;
-          const double px = static_cast<double>(residual(x)) / static_cast<double>(total);
+        const double inv = reciprocal(vocab.sum(residual));
+        if (x >= 0 && x < r.vocab && inv > 0.0) {
+          const double qx = static_cast<double>(weight(load_float(residual.q, r.dtype, x))) * residual.q_inv;
+          const double px = static_cast<double>(residual(x)) * inv;
           if (static_cast<double>(r.coin(c)) * qx < px) found = c;
         }
         if (found < 0) {
-          if (vocab.leader()) r.totals[residual.steps] = total;
+          if (vocab.leader()) r.inv_totals[residual.steps] = inv;
           vocab.sync();
           ++residual.steps;
         }

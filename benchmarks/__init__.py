@@ -1,0 +1,1 @@
+"""pytest-benchmark suites (a package, so that `benchmarks.conftest` never clashes with `tests/conftest.py`)."""

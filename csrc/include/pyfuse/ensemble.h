@@ -1,0 +1,151 @@
+// Union-vocabulary ensembling: per-element math shared by the CPU and CUDA kernels, and the argument
+// block both receive. The arithmetic is the specification's (pyfuse/reference/ensemble.py) operation for
+// operation: Cephes exp/log from +, * and bit operations (no libm, no FMA: -ffp-contract=off /
+// -fmad=false), and fixed-point int64 sums, so every backend produces the same bits.
+#pragma once
+
+#include "pyfuse/common.h"
+#include "pyfuse/philox.h"
+
+namespace pyfuse {
+namespace ensemble {
+
+constexpr int kMaxModels = 8;
+constexpr int kMaxTopk = 128;
+constexpr float kFixScale = 1099511627776.0f;   // 2^40
+constexpr float kFixUnit = 9.094947017729282e-13f;  // 2^-40
+constexpr uint32_t kSamplePurpose = 0x454E534Du;  // "ENSM"
+
+struct Args {
+  int32_t num_models;
+  int32_t dtype;
+  int64_t batch;
+  int64_t union_size;
+  const void* logits[kMaxModels];
+  int64_t row_stride[kMaxModels];
+  int64_t vocab[kMaxModels];
+  const int32_t* to_union[kMaxModels];
+  const int32_t* rev_offsets[kMaxModels];
+  const int32_t* rev_ids[kMaxModels];
+  const int32_t* first_ids[kMaxModels];  // CPU fast path: first reverse id or -1
+  const int32_t* multi[kMaxModels];      // CPU fast path: union ids with several reverse ids
+  int64_t num_multi[kMaxModels];
+  const int32_t* from_union[kMaxModels];
+  float inv_temp[kMaxModels];
+  const uint8_t* present;  // [U] bit m: model m has the union id
+  const float* weights;    // [B, M], rows sum to 1
+  const float* cpat;       // [B, 2^M] coefficient per present pattern
+  bool logprob;
+  bool renormalize;
+};
+
+// c ? a : b on bits. GCC will not if-convert a float ternary whose operands may trap
+// (-ftrapping-math), which would keep the hot loops scalar.
+PYFUSE_HD float select(bool c, float a, float b) {
+  const uint32_t mask = 0u - static_cast<uint32_t>(c);
+  return bits_float((float_bits(a) & mask) | (float_bits(b) & ~mask));
+}
+
+// floorf without libm, exact for |x| < 2^23 (the range exp_det uses).
+PYFUSE_HD float floor_small(float x) {
+  const float t = static_cast<float>(static_cast<int32_t>(x));
+  return select(t > x, t - 1.0f, t);
+}
+
+// exp(z) for z <= 0; 0 for z < -87, -inf or NaN; exactly 1 at 0.
+PYFUSE_HD float exp_det(float z) {
+  const bool ok = z >= -87.0f;
+  z = select(ok, z, 0.0f);
+  const float n = floor_small(z * 1.44269504088896341f + 0.5f);
+  float r = z - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  const float r2 = r * r;
+  float p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r;
+  p = p + 1.0f;
+  const float scale = bits_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
+  return select(ok, p * scale, 0.0f);
+}
+
+// log(x) for x >= 0; -inf below FLT_MIN.
+PYFUSE_HD float log_det(float x) {
+  const bool ok = x >= 1.17549435e-38f;
+  const uint32_t bits = float_bits(select(ok, x, 1.0f));
+  int32_t e = static_cast<int32_t>(bits >> 23) - 126;
+  float m = bits_float((bits & 0x007FFFFFu) | 0x3F000000u);
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1 : e;
+  m = select(small, (m + m) - 1.0f, m - 1.0f);
+  const float z = m * m;
+  float y = m * 7.0376836292e-2f + -1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m + -1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m + -1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m + -2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m;
+  y = y * z;
+  const float fe = static_cast<float>(e);
+  y = y + fe * -2.12194440e-4f;
+  y = y - z * 0.5f;
+  float r = m + y;
+  r = r + fe * 0.693359375f;
+  return select(ok, r, bits_float(0xFF800000u));
+}
+
+PYFUSE_HD int64_t fix(float v) { return static_cast<int64_t>(v * kFixScale); }
+
+// 1 / (fp32(total) * 2^-40), or 0 when total == 0.
+PYFUSE_HD float unfix_recip(int64_t total) {
+  return total > 0 ? 1.0f / (static_cast<float>(total) * kFixUnit) : 0.0f;
+}
+
+// One model's term of a union id's combination (model order). present: the model has the union id.
+PYFUSE_HD void combine_step(float& acc, bool& used, float w, float p, bool present, bool logprob, bool renormalize) {
+  if (!logprob) {
+    acc = acc + w * p;
+  } else if (w > 0.0f && (present || !renormalize)) {
+    acc = acc + w * log_det(p);
+    used = true;
+  }
+}
+
+PYFUSE_HD float combine_finish(float acc, bool used, float c, bool logprob) {
+  if (!logprob) return acc * c;
+  return used ? acc * c : bits_float(0xFF800000u);
+}
+
+// Order-preserving int64 of (value desc, id asc): larger is better.
+PYFUSE_HD int64_t sort_key(float x, int64_t id) {
+  int64_t i = static_cast<int32_t>(float_bits(x));
+  if (i < 0) i ^= 0x7FFFFFFF;
+  return i * 4294967296LL + (4294967295LL - id);
+}
+
+// floor(total * s / 2^31) for the row's Philox 31-bit draw s.
+PYFUSE_HD int64_t sample_target(int64_t total, uint64_t seed, int64_t row, uint32_t stream) {
+  const uint32_t w = philox::randint4x(seed, static_cast<uint64_t>(row), stream, kSamplePurpose).v[0];
+  const int64_t s = w >= 0x80000000u ? static_cast<int64_t>(0xFFFFFFFFu - w) : static_cast<int64_t>(w);
+  return (total >> 31) * s + (((total & 0x7FFFFFFFLL) * s) >> 31);
+}
+
+}  // namespace ensemble
+
+namespace cpu {
+void union_probs(const ensemble::Args& a, float* out);
+void next_token(const ensemble::Args& a, bool greedy, uint64_t seed, uint32_t stream, int64_t* union_ids,
+                int64_t* model_ids, float* prob);
+void union_topk(const ensemble::Args& a, int k, float* probs, int64_t* union_ids);
+}  // namespace cpu
+
+namespace cuda {
+void union_probs(const ensemble::Args& a, float* out, int64_t* scratch, uintptr_t stream);
+}  // namespace cuda
+
+}  // namespace pyfuse

@@ -1,0 +1,274 @@
+"""pyfuse::merge_task_vectors / pyfuse.merge_tensors: every backend against the reference over the knob
+space (pairwise), dtypes, K, odd and non-contiguous shapes, edge densities, ties, statistics of the random
+masks, bad input, opcheck and torch.compile."""
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from helpers import BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES, TOL, assert_close
+from pyfuse.merge import merge_tensors
+from pyfuse.merge.op import CONSENSUS, NORMALIZE, RESCALE, SPARSIFY
+
+KNOBS = {
+    "sparsify": SPARSIFY,
+    "rescale": RESCALE,
+    "consensus": CONSENSUS,
+    "consensus_on": ("weighted", "unweighted"),
+    "normalize": NORMALIZE,
+}
+
+
+def pairwise(knobs: dict) -> list[dict]:
+    """A small set of knob combinations covering every pair of values of every two knobs (greedy)."""
+    names = list(knobs)
+    todo = {(a, va, b, vb) for a, b in itertools.combinations(names, 2) for va in knobs[a] for vb in knobs[b]}
+    chosen = []
+    while todo:
+        best = max(itertools.product(*knobs.values()),
+                   key=lambda c: sum((a, c[names.index(a)], b, c[names.index(b)]) in todo
+                                     for a, b in itertools.combinations(names, 2)))
+        combo = dict(zip(names, best))
+        todo -= {(a, combo[a], b, combo[b]) for a, b in itertools.combinations(names, 2)}
+        chosen.append(combo)
+    return chosen
+
+
+COMBOS = pairwise(KNOBS)
+
+
+def task_inputs(shape, k, dtype, device, seed=0, scale=0.1):
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    models = [base + scale * torch.randn(shape, generator=g) for _ in range(k)]
+    return base.to(device, dtype), [m.to(device, dtype) for m in models]
+
+
+def both(backend, base, models, weights=None, **kw):
+    """(backend result, reference result) of one merge_tensors call."""
+    kw.setdefault("seed", 1234)
+    got = merge_tensors(base, models, weights, backend=backend, **kw)
+    want = merge_tensors(base, models, weights, backend="reference", **kw)
+    return got, want
+
+
+def small_shape(backend):
+    # The Triton interpreter is slow: keep its grids tiny, still with masked tails.
+    return (5, 19) if backend == "triton" else (37, 61)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+@pytest.mark.parametrize("combo", COMBOS, ids=lambda c: "-".join(c.values()))
+def test_knobs_match_reference(backend, device, combo):
+    dtype = FLOAT_DTYPES[COMBOS.index(combo) % 3]
+    base, models = task_inputs(small_shape(backend), 3, dtype, device)
+    got, want = both(backend, base, models, [0.9, -0.4, 0.6], density=[0.3, 0.6, 1.0], gamma=0.1, epsilon=0.1,
+                     lam=0.8, **combo)
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+@pytest.mark.parametrize("k", [1, 2, 3, 8, 33])
+def test_model_counts(backend, device, k):
+    base, models = task_inputs((3, 11) if backend == "triton" else (13, 29), k, torch.float32, device, seed=k)
+    for knobs in (dict(sparsify="magnitude", consensus="sum", normalize="agree_weight"),
+                  dict(sparsify="random", rescale="l1", consensus="count", consensus_on="unweighted",
+                       normalize="agree_count")):
+        got, want = both(backend, base, models, [0.5 + i / k for i in range(k)], density=0.4, **knobs)
+        assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7,), (3, 1), (2, 3, 5), (4097,)])
+def test_shapes_dtypes(backend, device, dtype, shape):
+    if backend == "triton" and math.prod(shape) > 1000:
+        shape = (1031,)
+    base, models = task_inputs(shape, 3, dtype, device)
+    got, want = both(backend, base, models, sparsify="breadcrumbs", density=0.5, gamma=0.2, consensus="sum",
+                     normalize="agree_weight")
+    assert got.shape == shape and got.dtype == dtype
+    assert_close(got, want)
+    got, want = both(backend, None, models, sparsify="magnitude", density=0.3, out_dtype=torch.float32)
+    assert got.dtype == torch.float32
+    assert_close(got, want, torch.float32)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+def test_non_contiguous(backend, device):
+    base, models = task_inputs((23, 9), 3, torch.float32, device)
+    base_t, models_t = base.t(), [m.t() for m in models]
+    assert not base_t.is_contiguous()
+    got, want = both(backend, base_t, models_t, sparsify="della", density=0.5, epsilon=0.2, rescale="l1",
+                     consensus="sum")
+    assert_close(got, want)
+    expect = merge_tensors(base_t.contiguous(), [m.contiguous() for m in models_t], backend=backend,
+                           sparsify="della", density=0.5, epsilon=0.2, rescale="l1", consensus="sum", seed=1234)
+    assert torch.equal(got, expect)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+@pytest.mark.parametrize("sparsify", ["magnitude", "random", "breadcrumbs", "della"])
+def test_density_edges_and_zero_deltas(backend, device, sparsify):
+    base, models = task_inputs((6, 17), 3, torch.float32, device)
+    for density in (0.0, 1.0):
+        got, want = both(backend, base, models, sparsify=sparsify, density=density, rescale="l1", consensus="sum",
+                         normalize="agree_weight")
+        assert_close(got, want)
+    none = merge_tensors(base, models, backend=backend)
+    full = merge_tensors(base, models, sparsify=sparsify, density=1.0, backend=backend, seed=3)
+    assert torch.equal(full, none)  # density 1 keeps everything
+    empty = merge_tensors(base, models, sparsify=sparsify, density=0.0, backend=backend, seed=3)
+    assert torch.equal(empty, base)  # density 0 keeps nothing
+    zeros = [base.clone() for _ in models]  # all-zero deltas: the L1 guard keeps the scale finite
+    got, want = both(backend, base, zeros, sparsify=sparsify, density=0.5, rescale="l1", consensus="sum",
+                     normalize="agree_weight")
+    assert torch.equal(got, base) and torch.equal(want, base)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_ties_go_to_lowest_index(backend, device):
+    """Independent of the reference: with every |delta| equal, the top-k are the k lowest flat indices."""
+    n = 103
+    sign = torch.where(torch.arange(n) % 3 == 0, -1.0, 1.0)
+    delta = (0.25 * sign).to(device)
+    out = merge_tensors(None, [delta], sparsify="magnitude", density=0.5, backend=backend)
+    k = int(0.5 * n)
+    assert torch.equal(out[:k], delta[:k]) and not out[k:].any()
+    # breadcrumbs: drop the int(0.1 n) "largest" (lowest indices), keep the next int(0.5 n)
+    out = merge_tensors(None, [delta], sparsify="breadcrumbs", density=0.5, gamma=0.1, backend=backend)
+    top = int(0.1 * n)
+    assert not out[:top].any() and torch.equal(out[top:top + k], delta[top:top + k]) and not out[top + k:].any()
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+def test_heavy_ties_bf16(backend, device):
+    # bf16 deltas on a coarse grid: thousands share each magnitude, the threshold splits a tie group.
+    g = torch.Generator().manual_seed(5)
+    n = 999 if backend == "triton" else 200_003
+    base = torch.zeros(n, dtype=torch.bfloat16, device=device)
+    models = [(torch.randint(-4, 5, (n,), generator=g).float() / 4).to(device, torch.bfloat16) for _ in range(3)]
+    got, want = both(backend, base, models, sparsify="magnitude", density=0.37, consensus="sum",
+                     normalize="agree_weight", k_min_one=True)
+    assert torch.equal(got, want)
+
+
+def test_ties_match_peft_semantics():
+    """Independent oracle: PEFT's ties (unweighted election, agree-count divisor) on tie-free deltas."""
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    _, models = task_inputs((31, 17), 3, torch.float32, "cpu")
+    weights = torch.tensor([0.7, 1.2, 0.4])
+    want = merge_utils.ties(torch.stack(models), weights, 0.3, "total")
+    got = merge_tensors(None, models, weights, sparsify="magnitude", density=0.3, consensus="sum",
+                        consensus_on="unweighted", normalize="agree_count")
+    assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+def test_same_mask_as_reference_and_seed_sensitivity(backend, device):
+    _, models = task_inputs((9, 31), 2, torch.float32, device)
+    a = merge_tensors(None, models, sparsify="random", density=0.5, seed=2**64 - 1, backend=backend)
+    b = merge_tensors(None, models, sparsify="random", density=0.5, seed=-1, backend="reference")
+    assert torch.equal(a, b)  # seeds are taken mod 2**64 everywhere
+    c = merge_tensors(None, models, sparsify="random", density=0.5, seed=7, backend=backend)
+    assert not torch.equal(a, c)
+
+
+def kept_fraction_ok(kept: torch.Tensor, p: float) -> bool:
+    """Binomial check: kept count within 5 standard deviations of n p (false alarm < 1e-6)."""
+    n = kept.numel()
+    return abs(kept.sum().item() - n * p) <= 5 * math.sqrt(n * p * (1 - p))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKEND_DEVICES if p.values[0] != "triton"])
+def test_random_keep_rate(backend, device):
+    n = 200_000
+    ones = torch.ones(n, device=device)
+    for p in (0.1, 0.5, 0.9):
+        kept = merge_tensors(None, [ones, ones], sparsify="random", density=p, seed=11, normalize="all_weight",
+                             backend=backend) != 0
+        assert kept_fraction_ok(kept, 1 - (1 - p) ** 2)
+        # Broken variant: claiming the wrong density must fail the same check.
+        assert not kept_fraction_ok(kept, 1 - (1 - (p + 0.01)) ** 2)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKEND_DEVICES if p.values[0] != "triton"])
+def test_della_keep_rate_follows_rank(backend, device):
+    rows, cols, rho, eps = 400, 500, 0.4, 0.3
+    row = torch.arange(1, cols + 1, dtype=torch.float32)  # rank = column index
+    delta = row.repeat(rows, 1).to(device)
+    kept = merge_tensors(None, [delta], sparsify="della", density=rho, epsilon=eps, seed=5, backend=backend) != 0
+    probs = (rho - eps) + 2 * eps * torch.arange(cols) / (cols - 1)
+    low, high = kept[:, : cols // 2].cpu(), kept[:, cols // 2:].cpu()
+    p_low, p_high = probs[: cols // 2].mean().item(), probs[cols // 2:].mean().item()
+    assert kept_fraction_ok(low, p_low) and kept_fraction_ok(high, p_high)
+    # Broken variant: a flat keep probability (no rank dependence) must fail the same check.
+    assert not (kept_fraction_ok(low, rho) and kept_fraction_ok(high, rho))
+
+
+def test_bad_input():
+    base, models = task_inputs((4, 5), 2, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="models"):
+        merge_tensors(base, [])
+    with pytest.raises(TypeError, match="models"):
+        merge_tensors(base, models[0])
+    with pytest.raises(ValueError, match=r"models\[1\].*shape"):
+        merge_tensors(base, [models[0], models[1][:3]])
+    with pytest.raises(TypeError, match=r"models\[1\].*dtype"):
+        merge_tensors(base, [models[0], models[1].double().half()])
+    with pytest.raises(TypeError, match=r"models\[0\]"):
+        merge_tensors(None, [torch.ones(3, dtype=torch.int32)])
+    with pytest.raises(ValueError, match="density"):
+        merge_tensors(base, models, sparsify="magnitude", density=1.5)
+    with pytest.raises(ValueError, match="density"):
+        merge_tensors(base, models, sparsify="magnitude", density=[0.5, -0.1])
+    with pytest.raises(ValueError, match="weights"):
+        merge_tensors(base, models, [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="weights"):
+        merge_tensors(base, models, torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match="sparsify"):
+        merge_tensors(base, models, sparsify="topk")
+    with pytest.raises(ValueError, match="normalize"):
+        merge_tensors(base, models, normalize=True)
+    with pytest.raises(ValueError, match="epsilon"):
+        merge_tensors(base, models, sparsify="della", density=0.5, epsilon=0.6)
+    with pytest.raises(ValueError, match="della"):
+        merge_tensors(base.reshape(2, 2, 5), [m.reshape(2, 2, 5) for m in models], sparsify="della", density=0.5)
+    with pytest.raises(TypeError, match="seed"):
+        merge_tensors(base, models, sparsify="random", density=0.5, seed=1.5)
+    with pytest.raises(TypeError, match="out_dtype"):
+        merge_tensors(base, models, out_dtype=torch.int8)
+    with pytest.raises(ValueError, match="lam"):
+        merge_tensors(base, models, lam=float("inf"))
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device"):
+            merge_tensors(base, [models[0], models[1].cuda()])
+    else:
+        with pytest.raises(ValueError, match="device"):
+            merge_tensors(base, [models[0], models[1].to("meta")])
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_opcheck(backend, device):
+    base, models = task_inputs((6, 7), 3, torch.float32, device)
+    args = (base, models, [1.0, 0.5, 0.2], [0.5] * 3, [0.1] * 3, [0.1] * 3, "random", "l1", "sum", True,
+            "agree_weight", 1.0, 3, False, torch.bfloat16, backend)
+    torch.library.opcheck(torch.ops.pyfuse.merge_task_vectors.default, args)
+    args_none = (None, models, [1.0, 0.5, 0.2], [0.5] * 3, [0.1] * 3, [0.1] * 3, "magnitude", "none", "count",
+                 False, "agree_count", 0.5, 0, True, torch.float32, backend)
+    torch.library.opcheck(torch.ops.pyfuse.merge_task_vectors.default, args_none)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_torch_compile(backend, device):
+    base, models = task_inputs((8, 9), 3, torch.float32, device)
+
+    def ties(b, x0, x1, x2):
+        return merge_tensors(b, [x0, x1, x2], [1.0, 0.5, 0.3], sparsify="magnitude", density=0.4, consensus="sum",
+                             normalize="agree_weight", backend=backend) * 2
+
+    compiled = torch.compile(ties, fullgraph=True, backend="eager" if backend == "triton" else "inductor")
+    assert torch.equal(compiled(base, *models), ties(base, *models))

@@ -1,0 +1,244 @@
+"""magnitude_prune / random_prune: every backend against the reference, the reference against an
+independent numpy oracle, PEFT parity, opcheck, torch.compile, RNG identity and statistics, bad input."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import pyfuse
+from pyfuse.reference import philox as ref_philox
+from pyfuse.reference import prune as ref
+from helpers import BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES
+
+DENSITIES = [0.0, 1.0, 1e-6, 0.2]
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """Bit patterns, so that -0/+0 and NaN payloads count as differences."""
+    return t.contiguous().view(INT_VIEW[t.dtype]).cpu()
+
+
+def assert_same_bits(actual, expected):
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    diff = bits(actual) != bits(expected)
+    assert not diff.any(), f"{int(diff.sum())} of {diff.numel()} elements differ"
+
+
+def sizes_for(backend, device):
+    # The Triton interpreter is slow: small sizes only (still several blocks, with a masked tail).
+    return (1, 7, 2500) if backend == "triton" and device == "cpu" else (1, 7, 1000003)
+
+
+def tie_heavy(n, dtype, device, gen):
+    """Values from 7 levels: most elements tie, including at the threshold."""
+    levels = torch.tensor([0.0, 0.5, -0.5, 1.0, -1.0, 2.0, -3.0])
+    return levels[torch.randint(0, len(levels), (n,), generator=gen)].to(dtype).to(device)
+
+
+# ---- magnitude_prune ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_magnitude_matches_reference(backend, device, dtype):
+    gen = torch.Generator().manual_seed(1)
+    for n in sizes_for(backend, device):
+        for make in (lambda: torch.randn(n, generator=gen).to(dtype).to(device),
+                     lambda: tie_heavy(n, dtype, device, gen)):
+            x = make()
+            for density in DENSITIES:
+                got = pyfuse.magnitude_prune(x, density, backend=backend)
+                assert_same_bits(got, ref.magnitude_prune(x, density))
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_magnitude_non_contiguous(backend, device, dtype):
+    rows, cols = (40, 30) if backend == "triton" and device == "cpu" else (700, 300)
+    base = torch.randn(rows, cols, generator=torch.Generator().manual_seed(2)).to(dtype).to(device)
+    before = base.clone()
+    for x in (base.t(), base[:, ::3], base[::2]):
+        assert not x.is_contiguous()
+        got = pyfuse.magnitude_prune(x, 0.2, backend=backend)
+        assert got.shape == x.shape
+        assert_same_bits(got, ref.magnitude_prune(x, 0.2))
+    assert_same_bits(base, before)  # the input is never written
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+def test_magnitude_ties_split_across_chunks(backend, device):
+    """Many float32 elements share the threshold key across several 65536-element CPU chunks / GPU
+    tiles, so the exact lowest-index tie rule needs the per-chunk tie prefix counts."""
+    n = 3000 if backend == "triton" and device == "cpu" else 400_000
+    gen = torch.Generator().manual_seed(3)
+    x = tie_heavy(n, torch.float32, device, gen) * (1 + torch.rand(n, generator=gen).to(device).lt(0.01))
+    for density in (0.1, 0.33, 0.5, 0.77):
+        assert_same_bits(pyfuse.magnitude_prune(x, density, backend=backend), ref.magnitude_prune(x, density))
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+def test_magnitude_nan_is_largest(backend, device):
+    x = torch.tensor([1.0, float("nan"), -2.0, 0.5, float("-inf"), float("nan"), 3.0], device=device)
+    got = pyfuse.magnitude_prune(x, 3 / 7, backend=backend)  # k = 3: both NaN and -inf
+    assert_same_bits(got, ref.magnitude_prune(x, 3 / 7))
+    assert torch.isnan(got[[1, 5]]).all() and got[4] == float("-inf") and (got[[0, 2, 3, 6]] == 0).all()
+
+
+def numpy_magnitude_oracle(x: torch.Tensor, k: int) -> np.ndarray:
+    """Independent statement of the rule: order by (-|x| key, index), keep the first k."""
+    flat = x.reshape(-1).cpu()
+    mask = 0x7FFFFFFF if x.dtype == torch.float32 else 0x7FFF
+    key = flat.view(INT_VIEW[x.dtype]).numpy().astype(np.int64) & mask
+    order = np.lexsort((np.arange(key.size), -key))  # last key is primary
+    keep = np.zeros(key.size, dtype=bool)
+    keep[order[:k]] = True
+    return keep
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_reference_matches_numpy_oracle(dtype):
+    gen = torch.Generator().manual_seed(4)
+    for x in (torch.randn(5001, generator=gen).to(dtype), tie_heavy(5001, dtype, "cpu", gen)):
+        for density in DENSITIES + [0.5]:
+            k = math.floor(density * x.numel())
+            keep = torch.from_numpy(numpy_magnitude_oracle(x, k))
+            expected = torch.where(keep, x, torch.zeros_like(x))
+            assert_same_bits(ref.magnitude_prune(x, density), expected)
+
+
+def test_lowest_index_wins_ties():
+    x = torch.tensor([1.0, -1.0, 0.5, 1.0, -1.0])  # four entries tie at |x| = 1
+    assert pyfuse.magnitude_prune(x, 0.4).tolist() == [1.0, -1.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_magnitude_equals_peft_on_tie_free_data(backend, device):
+    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    gen = torch.Generator().manual_seed(5)
+    n = 2400 if backend == "triton" and device == "cpu" else 512 * 384
+    # Distinct magnitudes by construction, random signs and order.
+    mags = (torch.randperm(n, generator=gen).float() + 1) / n
+    x = (mags * torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)).reshape(-1, 48).to(device)
+    for density in (0.0, 0.2, 0.5, 0.97):
+        expected = merge_utils.magnitude_based_pruning(x, density)
+        assert torch.equal(pyfuse.magnitude_prune(x, density, backend=backend), expected)
+
+
+# ---- random_prune -------------------------------------------------------------------------------------
+
+SEEDS = [0, 12345, 2**40 + 3, 2**63, -1]
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_random_mask_matches_numpy_philox(backend, device):
+    n = 2500 if backend == "triton" and device == "cpu" else 100_003
+    ones = torch.ones(n, device=device)
+    for seed in SEEDS:
+        for density in (0.0, 1.0, 0.2, 0.7):
+            mask = pyfuse.random_prune(ones, density, seed=seed, rescale=False, backend=backend).cpu().numpy()
+            u = ref_philox.rand_np(seed, np.arange(n, dtype=np.uint64), 0, pyfuse.prune.RANDOM_PRUNE_PURPOSE)
+            assert np.array_equal(mask, (u < np.float32(density)).astype(np.float32)), (seed, density)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_random_matches_reference(backend, device, dtype):
+    gen = torch.Generator().manual_seed(6)
+    for n in sizes_for(backend, device):
+        x = torch.randn(n, generator=gen).to(dtype).to(device)
+        for density in DENSITIES + [0.3]:
+            for rescale in (True, False):
+                got = pyfuse.random_prune(x, density, seed=7, rescale=rescale, backend=backend)
+                assert_same_bits(got, ref.random_prune(x, density, 7, rescale))
+    view = torch.randn(50, 60, generator=gen).to(dtype).to(device).t()
+    assert_same_bits(pyfuse.random_prune(view, 0.4, seed=8, backend=backend), ref.random_prune(view, 0.4, 8))
+
+
+def binomial_ok(kept: int, n: int, p: float) -> bool:
+    """Kept count within 4 standard deviations of Binomial(n, p)."""
+    return abs(kept - n * p) <= 4 * math.sqrt(n * p * (1 - p))
+
+
+def test_random_kept_fraction_is_binomial():
+    """Threshold: |kept - n p| <= 4 sqrt(n p (1 - p)) (two-sided p-value ~6e-5). A broken mask that
+    compares with a slightly inflated density (p + 1%) must fail the same test."""
+    n = 1_000_000
+    x = torch.ones(n)
+    for seed, p in ((1, 0.1), (2, 0.5), (3, 0.9)):
+        kept = int(pyfuse.random_prune(x, p, seed=seed, rescale=False).count_nonzero())
+        assert binomial_ok(kept, n, p), (seed, p, kept)
+        u = ref.random_prune_uniforms(n, seed)
+        assert not binomial_ok(int((u < p + 0.01).sum()), n, p)
+
+
+def test_random_rescale_divides_by_density():
+    x = torch.full((1000,), 3.0)
+    out = pyfuse.random_prune(x, 0.25, seed=9)
+    kept = out != 0
+    assert kept.any() and torch.equal(out[kept], torch.full_like(out[kept], 12.0))
+
+
+# ---- torch.library ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_opcheck(backend, device):
+    x = torch.randn(33, 17, device=device)
+    torch.library.opcheck(torch.ops.pyfuse.magnitude_prune.default, (x, 100, backend))
+    torch.library.opcheck(torch.ops.pyfuse.random_prune.default, (x.to(torch.bfloat16), 0.3, -5, True, backend))
+
+
+def test_torch_compile_fullgraph():
+    x = torch.randn(64, 48)
+
+    def fn(t):
+        return pyfuse.magnitude_prune(t, 0.25) + pyfuse.random_prune(t, 0.5, seed=11)
+
+    compiled = torch.compile(fn, fullgraph=True)
+    assert_same_bits(compiled(x), fn(x))
+
+
+# ---- bad input ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("density", [-0.1, 1.5, float("nan"), float("inf")])
+def test_bad_density_value(density):
+    x = torch.randn(10)
+    with pytest.raises(ValueError, match="density"):
+        pyfuse.magnitude_prune(x, density)
+    with pytest.raises(ValueError, match="density"):
+        pyfuse.random_prune(x, density, seed=0)
+
+
+def test_bad_types():
+    x = torch.randn(10)
+    with pytest.raises(TypeError, match="density"):
+        pyfuse.magnitude_prune(x, "0.5")
+    for bad in (torch.arange(10), torch.ones(10, dtype=torch.float64), torch.ones(10, dtype=torch.bool)):
+        with pytest.raises(TypeError, match="x"):
+            pyfuse.magnitude_prune(bad, 0.5)
+        with pytest.raises(TypeError, match="x"):
+            pyfuse.random_prune(bad, 0.5, seed=0)
+    with pytest.raises(TypeError, match="x"):
+        pyfuse.magnitude_prune([1.0, 2.0], 0.5)
+    for seed in (1.5, "3", None, True):
+        with pytest.raises(TypeError, match="seed"):
+            pyfuse.random_prune(x, 0.5, seed=seed)
+    with pytest.raises(TypeError, match="rescale"):
+        pyfuse.random_prune(x, 0.5, seed=0, rescale=1)
+
+
+def test_wrong_device():
+    with pytest.raises(pyfuse.BackendError, match="meta"):
+        pyfuse.magnitude_prune(torch.empty(10, device="meta"), 0.5)
+    with pytest.raises(pyfuse.BackendError, match="cuda"):
+        pyfuse.random_prune(torch.randn(10), 0.5, seed=0, backend="cuda")
+
+
+def test_empty_tensor():
+    for backend in ("reference", "cpu"):
+        x = torch.empty(0, 3)
+        assert pyfuse.magnitude_prune(x, 0.5, backend=backend).shape == (0, 3)
+        assert pyfuse.random_prune(x, 0.5, seed=1, backend=backend).shape == (0, 3)
