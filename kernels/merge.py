@@ -218,22 +218,20 @@ def merge_task_vectors(out, base, models, p, sparsify, rescale, consensus, weigh
 
 
 def _specs():
-    specs = []
-    for ptr in ("*fp32", "*bf16"):
-        sig = {"x0_ptr": ptr, "base_ptr": ptr, "xoff_ptr": "*i64", "mf_ptr": "*fp32", "mi_ptr": "*i64"}
-        scalars = {"n": "i64", "ncols": "i64", "k": "i32"}
-        rng = {"seed_lo": "i64", "seed_hi": "i64", "purpose": "i32"}
-        out = {"out_ptr": "*i16" if ptr == "*bf16" else ptr}
-        fused_sig = {**out, **sig, **scalars, "all_q": "fp32", "lam": "fp32", **rng}
-        for sp in (0, 1, 2, 4):
-            specs.append((merge_fused_kernel, fused_sig,
-                          {"SPARSIFY": sp, "CONSENSUS": 1, "WEIGHTED": True, "NORMALIZE": 1, "HAS_BASE": True,
-                           "OUT_BF16": ptr == "*bf16", "BLOCK": BLOCK, "RANK_TILE": RANK_TILE}))
-        specs.append((merge_fused_kernel, fused_sig,
-                      {"SPARSIFY": 3, "CONSENSUS": 2, "WEIGHTED": False, "NORMALIZE": 2, "HAS_BASE": False,
-                       "OUT_BF16": ptr == "*bf16", "BLOCK": BLOCK, "RANK_TILE": RANK_TILE}))
-        specs.append((merge_l1_kernel, {**sig, "sums_ptr": "*fp64", **scalars, **rng},
-                      {"SPARSIFY": 2, "HAS_BASE": True, "BLOCK": BLOCK, "RANK_TILE": RANK_TILE}))
+    """Every SPARSIFY variant in float32 (fused + L1 statistics), and one bfloat16 variant (int16 output view)."""
+    sig = {"x0_ptr": "*fp32", "base_ptr": "*fp32", "xoff_ptr": "*i64", "mf_ptr": "*fp32", "mi_ptr": "*i64",
+           "n": "i64", "ncols": "i64", "k": "i32"}
+    rng = {"seed_lo": "i64", "seed_hi": "i64", "purpose": "i32"}
+    fused = {"out_ptr": "*fp32", **sig, "all_q": "fp32", "lam": "fp32", **rng}
+    specs = [(merge_fused_kernel, fused, {"SPARSIFY": sp, "CONSENSUS": 1 + sp % 2, "WEIGHTED": sp % 2 == 0,
+                                          "NORMALIZE": sp % 4, "HAS_BASE": sp != 3, "OUT_BF16": False,
+                                          "BLOCK": BLOCK, "RANK_TILE": RANK_TILE}) for sp in range(5)]
+    specs.append((merge_l1_kernel, {**sig, "sums_ptr": "*fp64", **rng},
+                  {"SPARSIFY": 4, "HAS_BASE": True, "BLOCK": BLOCK, "RANK_TILE": RANK_TILE}))
+    bf16 = {**fused, "out_ptr": "*i16", "x0_ptr": "*bf16", "base_ptr": "*bf16"}
+    specs.append((merge_fused_kernel, bf16, {"SPARSIFY": 1, "CONSENSUS": 1, "WEIGHTED": True, "NORMALIZE": 1,
+                                             "HAS_BASE": True, "OUT_BF16": True, "BLOCK": BLOCK,
+                                             "RANK_TILE": RANK_TILE}))
     return specs
 
 

@@ -152,6 +152,22 @@ def test_random_seed_keys_the_philox_masks(tmp_path, checkpoints):
     assert not torch.equal(*kept)
 
 
+@pytest.mark.parametrize("method, params", [
+    ("ties", {"density": [1.5, -0.5]}),  # >= 1 keeps all, <= 0 keeps nothing
+    ("ties", {"density": [0.001, 0.3], "rescale": True}),  # k_min_one, l1 rescale of a magnitude mask
+    ("breadcrumbs_ties", {"density": [0.3, 0.9], "gamma": [2.0, 0.2]}),  # gamma >= 1 acts like 1
+    ("task_arithmetic", {"normalize": True, "lambda": -0.5}),
+])
+def test_registry_call_matches_mergekit_on_edge_knobs(method, params):
+    g = torch.Generator().manual_seed(1)
+    tensors = [torch.randn(23, 11, generator=g) for _ in range(3)]
+    group = TensorGroup.from_tensors(tensors, base_index=0, name="w")
+    params = {"weight": [0.6, 0.5], **params}
+    expected = registry.get(method)([group], parameters=params)[0]
+    with pm.install():
+        assert_close(registry.get(method)([group], parameters=params)[0], expected)
+
+
 def test_float64_falls_back_to_mergekit():
     g = torch.Generator().manual_seed(0)
     tensors = [torch.randn(9, 7, generator=g, dtype=torch.float64) for _ in range(3)]

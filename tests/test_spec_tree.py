@@ -102,11 +102,14 @@ def test_strided_and_degenerate_rows(backend, device):
     target[0, 0] = float("nan")
     target[1] = 0.0
     draft[2, 0] = 0.0
+    bad_u = torch.full((2, 3, 5), float("nan"), device=device)
+    bad_u[:, 1] = 1.0  # invalid injected uniforms must still give in-range ids
     for mode in MODES:
-        ref = _run((cand, nt, ns, target, draft), mode, "reference", device, seed=3, validate=False)
-        out = _run((cand, nt, ns, target, draft), mode, backend, device, seed=3, validate=False)
-        _assert_equal(out, ref)
-        assert ((out.bonus >= 0) & (out.bonus < 6)).all()
+        for kw in ({"seed": 3}, {"uniforms": bad_u}):
+            ref = _run((cand, nt, ns, target, draft), mode, "reference", device, validate=False, **kw)
+            out = _run((cand, nt, ns, target, draft), mode, backend, device, validate=False, **kw)
+            _assert_equal(out, ref)
+            assert ((out.bonus >= 0) & (out.bonus < 6)).all()
 
 
 def test_zero_coin_rejects_zero_probability_token():

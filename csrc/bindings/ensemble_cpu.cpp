@@ -19,13 +19,14 @@ void fill(T* dst, const std::vector<uintptr_t>& src) {
 // The argument block from the per-model pointer lists (pyfuse/ensemble/ops.py builds them).
 Args make_args(const Ptrs& logits, const std::vector<int64_t>& row_stride, const std::vector<int64_t>& vocab,
                const Ptrs& to_union, const Ptrs& rev_offsets, const Ptrs& rev_ids, const Ptrs& first_ids,
-               const Ptrs& multi, const std::vector<int64_t>& num_multi, const Ptrs& from_union,
+               const Ptrs& multi, const std::vector<int64_t>& num_multi, const std::vector<int64_t>& max_mult,
+               const Ptrs& from_union,
                const std::vector<float>& inv_temp, uintptr_t present, uintptr_t weights, uintptr_t cpat,
                int32_t dtype, int64_t batch, int64_t union_size, bool logprob, bool renormalize) {
   const size_t M = logits.size();
   if (M < 1 || M > static_cast<size_t>(pyfuse::ensemble::kMaxModels)) throw std::invalid_argument("1 to 8 models");
   for (size_t n : {row_stride.size(), vocab.size(), to_union.size(), rev_offsets.size(), rev_ids.size(),
-                   first_ids.size(), multi.size(), num_multi.size(), inv_temp.size()}) {
+                   first_ids.size(), multi.size(), num_multi.size(), max_mult.size(), inv_temp.size()}) {
     if (n != M) throw std::invalid_argument("per-model lists must all have one entry per model");
   }
   Args a{};
@@ -44,6 +45,7 @@ Args make_args(const Ptrs& logits, const std::vector<int64_t>& row_stride, const
     a.row_stride[m] = row_stride[m];
     a.vocab[m] = vocab[m];
     a.num_multi[m] = num_multi[m];
+    a.max_mult[m] = max_mult[m];
     a.inv_temp[m] = inv_temp[m];
   }
   a.present = reinterpret_cast<const uint8_t*>(present);

@@ -6,6 +6,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "pyfuse/ensemble.h"
@@ -29,14 +30,15 @@ inline const void* row_ptr(const Args& a, int m, int64_t b) {
   return static_cast<const char*>(a.logits[m]) + b * a.row_stride[m] * dtype_size(a.dtype);
 }
 
-// e[v] = exp_det(y_v - max y) at valid ids, 0 elsewhere; returns 1 / S and, in *top, an id of the maximum
-// (-1 when no valid id is finite).
-template <int DT>
-PYFUSE_INLINE float model_exps_t(const void* x, const int32_t* fwd, int64_t V, float inv_t, float* e, int64_t* top) {
+// e[v] = exp_det(y_v - max y) at valid ids, 0 elsewhere (stored when STORE); returns 1 / S, the max in
+// *mx_out and, in *top, an id of the maximum (-1 when no valid id is finite).
+template <int DT, bool STORE>
+PYFUSE_INLINE float model_exps_t(const void* x, const int32_t* fwd, int64_t V, float inv_t, float* e, float* mx_out,
+                                 int64_t* top) {
   // Max in 16 lanes: a float max reduction only vectorises with -ffast-math. Max is order-free.
   constexpr int kLanes = 16;
   float lane[kLanes];
-  int64_t lane_at[kLanes];
+  int32_t lane_at[kLanes];  // V <= 2^22
   for (int j = 0; j < kLanes; ++j) {
     lane[j] = kNegInf;
     lane_at[j] = -1;
@@ -47,7 +49,7 @@ PYFUSE_INLINE float model_exps_t(const void* x, const int32_t* fwd, int64_t V, f
       const float y = ensemble::select(fwd[v + j] >= 0, load_float(x, DT, v + j) * inv_t, kNegInf);
       const bool more = y > lane[j];
       lane[j] = more ? y : lane[j];
-      lane_at[j] = more ? v + j : lane_at[j];
+      lane_at[j] = more ? static_cast<int32_t>(v + j) : lane_at[j];
     }
   }
   float mx = kNegInf;
@@ -62,27 +64,34 @@ PYFUSE_INLINE float model_exps_t(const void* x, const int32_t* fwd, int64_t V, f
     mx = lane[j] > mx ? lane[j] : mx;
   }
   *top = at;
+  *mx_out = mx;
   int64_t s = 0;
   for (v = 0; v < V; ++v) {
     const float ev = ensemble::select(fwd[v] >= 0, exp_det(load_float(x, DT, v) * inv_t - mx), 0.0f);
-    e[v] = ev;
+    if (STORE) e[v] = ev;
     s += fix(ev);
   }
   return unfix_recip(s);
 }
 
-#define PYFUSE_MODEL_EXPS(name, DT)                                                                 \
-  PYFUSE_HOT float name(const void* x, const int32_t* f, int64_t V, float t, float* e, int64_t* top) { \
-    return model_exps_t<DT>(x, f, V, t, e, top);                                                    \
+#define PYFUSE_MODEL_EXPS(name, DT, STORE)                                                          \
+  PYFUSE_HOT float name(const void* x, const int32_t* f, int64_t V, float t, float* e, float* mx,    \
+                        int64_t* top) {                                                             \
+    return model_exps_t<DT, STORE>(x, f, V, t, e, mx, top);                                         \
   }
-PYFUSE_MODEL_EXPS(model_exps_f32, kFloat32)
-PYFUSE_MODEL_EXPS(model_exps_f16, kFloat16)
-PYFUSE_MODEL_EXPS(model_exps_bf16, kBFloat16)
+PYFUSE_MODEL_EXPS(model_exps_f32, kFloat32, true)
+PYFUSE_MODEL_EXPS(model_exps_f16, kFloat16, true)
+PYFUSE_MODEL_EXPS(model_exps_bf16, kBFloat16, true)
+PYFUSE_MODEL_EXPS(model_stats_f32, kFloat32, false)
+PYFUSE_MODEL_EXPS(model_stats_f16, kFloat16, false)
+PYFUSE_MODEL_EXPS(model_stats_bf16, kBFloat16, false)
 
-float model_exps(int32_t dtype, const void* x, const int32_t* f, int64_t V, float t, float* e, int64_t* top) {
-  if (dtype == kFloat32) return model_exps_f32(x, f, V, t, e, top);
-  if (dtype == kFloat16) return model_exps_f16(x, f, V, t, e, top);
-  return model_exps_bf16(x, f, V, t, e, top);
+// e == nullptr: statistics only.
+float model_exps(int32_t dtype, const void* x, const int32_t* f, int64_t V, float t, float* e, float* mx,
+                 int64_t* top) {
+  if (dtype == kFloat32) return (e ? model_exps_f32 : model_stats_f32)(x, f, V, t, e, mx, top);
+  if (dtype == kFloat16) return (e ? model_exps_f16 : model_stats_f16)(x, f, V, t, e, mx, top);
+  return (e ? model_exps_bf16 : model_stats_bf16)(x, f, V, t, e, mx, top);
 }
 
 // E[i] = e[first[i]] (0 where none). GCC's generic tuning never emits gathers, hence the intrinsics.
@@ -128,28 +137,33 @@ PYFUSE_HOT void finish_unit(const float* acc, const uint8_t* used, int64_t n, bo
   for (int64_t i = 0; i < n; ++i) key[i] = logprob ? ensemble::select(used[i] != 0, acc[i], kNegInf) : acc[i];
 }
 
-// A row's per-model state: exponentials e[m] (scratch of V_m floats), 1 / S, and an id of the maximum.
+// A row's per-model state: exponentials e[m] (scratch of V_m floats, or none), max, 1 / S, an id of the max.
 struct RowModels {
   float* e[ensemble::kMaxModels];
+  float mx[ensemble::kMaxModels];
   float inv_s[ensemble::kMaxModels];
   int64_t top[ensemble::kMaxModels];
 };
 
-void row_models(const Args& a, int64_t b, RowModels& r) {
+void row_models(const Args& a, int64_t b, RowModels& r, bool store) {
   for (int m = 0; m < a.num_models; ++m) {
-    r.inv_s[m] = model_exps(a.dtype, row_ptr(a, m, b), a.to_union[m], a.vocab[m], a.inv_temp[m], r.e[m], &r.top[m]);
+    r.inv_s[m] = model_exps(a.dtype, row_ptr(a, m, b), a.to_union[m], a.vocab[m], a.inv_temp[m],
+                            store ? r.e[m] : nullptr, &r.mx[m], &r.top[m]);
   }
 }
 
-// key(u) of one union id, operation for operation as the tiled loop below.
+// key(u) of one union id from the logits, operation for operation as row_keys.
 float key_of(const Args& a, int64_t b, const RowModels& r, int64_t u) {
   const int M = a.num_models;
   const uint8_t pat = a.present[u] & static_cast<uint8_t>((1u << M) - 1u);
   float acc = 0.0f;
   bool used = false;
   for (int m = 0; m < M; ++m) {
+    const void* x = row_ptr(a, m, b);
     float E = 0.0f;
-    for (int64_t j = a.rev_offsets[m][u]; j < a.rev_offsets[m][u + 1]; ++j) E = E + r.e[m][a.rev_ids[m][j]];
+    for (int64_t j = a.rev_offsets[m][u]; j < a.rev_offsets[m][u + 1]; ++j) {
+      E = E + exp_det(load_float(x, a.dtype, a.rev_ids[m][j]) * a.inv_temp[m] - r.mx[m]);
+    }
     ensemble::combine_step(acc, used, a.weights[b * M + m], E * r.inv_s[m], (pat >> m) & 1, a.logprob,
                            a.renormalize);
   }
@@ -216,10 +230,39 @@ PYFUSE_HOT int64_t keys_to_scores(float* key, int64_t U, bool logprob) {
   return z;
 }
 
-PYFUSE_HOT int64_t count_at_least(const float* x, int64_t n, float thr) {
-  int64_t c = 0;
-  for (int64_t i = 0; i < n; ++i) c += x[i] >= thr;
-  return c;
+// Appends to_union[v] for the valid ids with y_v >= thr, and for those with y_v >= thr_multi (<= thr) whose
+// union id has several model ids (their sum may pass). Blocks are screened with a vectorised count.
+template <int DT>
+PYFUSE_INLINE void candidates_above_t(const void* x, const int32_t* fwd, const int32_t* rev_offsets, int64_t V,
+                                      float inv_t, float thr, float thr_multi, std::vector<int64_t>& out) {
+  constexpr int64_t kBlock = 256;
+  for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
+    const int64_t n = std::min(kBlock, V - v0);
+    int32_t hits = 0;
+    for (int64_t v = v0; v < v0 + n; ++v) hits += load_float(x, DT, v) * inv_t >= thr_multi;
+    if (hits == 0) continue;
+    for (int64_t v = v0; v < v0 + n; ++v) {
+      const float y = load_float(x, DT, v) * inv_t;
+      const int32_t u = fwd[v];
+      if (u < 0 || !(y >= thr_multi)) continue;
+      if (y >= thr || rev_offsets[u + 1] - rev_offsets[u] > 1) out.push_back(u);
+    }
+  }
+}
+
+#define PYFUSE_CANDIDATES(name, DT)                                                                    \
+  PYFUSE_HOT void name(const void* x, const int32_t* f, const int32_t* off, int64_t V, float t, float thr, \
+                       float thr_multi, std::vector<int64_t>& o) {                                    \
+    candidates_above_t<DT>(x, f, off, V, t, thr, thr_multi, o);                                       \
+  }
+PYFUSE_CANDIDATES(candidates_f32, kFloat32)
+PYFUSE_CANDIDATES(candidates_f16, kFloat16)
+PYFUSE_CANDIDATES(candidates_bf16, kBFloat16)
+
+void candidates_above(const Args& a, int m, int64_t b, float thr, float thr_multi, std::vector<int64_t>& out) {
+  const void* x = row_ptr(a, m, b);
+  auto fn = a.dtype == kFloat32 ? candidates_f32 : a.dtype == kFloat16 ? candidates_f16 : candidates_bf16;
+  fn(x, a.to_union[m], a.rev_offsets[m], a.vocab[m], a.inv_temp[m], thr, thr_multi, out);
 }
 
 PYFUSE_HOT void scale(float* x, int64_t n, float s) {
@@ -257,17 +300,13 @@ int64_t greedy_prob_zero(const Args& a, int64_t b, const RowModels& r, std::vect
   }
   for (int m = 0; m < M; ++m) {
     if (!(w[m] > 0.0f)) continue;
-    const float thr = static_cast<float>(0.5 * tau / (static_cast<double>(M) * w[m] * r.inv_s[m]));
-    const float* e = r.e[m];
-    constexpr int64_t kBlock = 256;
-    for (int64_t v0 = 0; v0 < a.vocab[m]; v0 += kBlock) {
-      const int64_t n = std::min(kBlock, a.vocab[m] - v0);
-      if (count_at_least(e + v0, n, thr) == 0) continue;
-      for (int64_t v = v0; v < v0 + n; ++v) {
-        if (e[v] >= thr) cand.push_back(a.to_union[m][v]);
-      }
-    }
-    for (int64_t c = 0; c < a.num_multi[m]; ++c) cand.push_back(a.multi[m][c]);
+    // e_v >= thr  <=>  y_v >= mx + log(thr); 0.01 more slack for the rounding of y and exp_det.
+    const double thr = 0.5 * tau / (static_cast<double>(M) * w[m] * r.inv_s[m]);
+    // A union id with n model ids needs one of them at >= thr / n.
+    const double ythr = r.mx[m] + std::log(thr) - 0.01;
+    candidates_above(a, m, b, static_cast<float>(ythr),
+                     static_cast<float>(ythr - std::log(static_cast<double>(std::max<int64_t>(a.max_mult[m], 1)))),
+                     cand);
   }
   int64_t best = -1;
   float kbest = 0.0f;
@@ -292,7 +331,7 @@ void union_probs(const Args& a, float* out) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < a.batch; ++b) {
       float* row = out + b * a.union_size;
-      row_models(a, b, s.models);
+      row_models(a, b, s.models, true);
       row_keys(a, b, s.models, row);
       if (normalize) scale(row, a.union_size, unfix_recip(keys_to_scores(row, a.union_size, a.logprob)));
     }
@@ -310,10 +349,11 @@ void next_token(const Args& a, bool greedy, uint64_t seed, uint32_t stream, int6
     std::vector<int64_t> cand;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < a.batch; ++b) {
-      row_models(a, b, s.models);
+      const bool fast = greedy && !normalize;
+      row_models(a, b, s.models, !fast);
       int64_t chosen = -1;
       float p = 0.0f;
-      if (greedy && !normalize) {
+      if (fast) {
         chosen = greedy_prob_zero(a, b, s.models, cand, &p);
       } else {
         key.resize(U);

@@ -47,11 +47,12 @@ void stable_ranks(Scratch& s, int64_t len) {
   s.tmp.resize(len);
   s.rank.resize(len);
   for (int64_t j = 0; j < len; ++j) s.order[j] = static_cast<uint32_t>(j);
-  for (int shift = 0; shift < 31; shift += 11) {
-    int64_t count[2049] = {0};
-    for (int64_t j = 0; j < len; ++j) ++count[((s.keys[j] >> shift) & 2047u) + 1];
-    for (int b = 0; b < 2048; ++b) count[b + 1] += count[b];
-    for (int64_t j = 0; j < len; ++j) s.tmp[count[(s.keys[s.order[j]] >> shift) & 2047u]++] = s.order[j];
+  for (int shift = 0; shift < 31; shift += 8) {  // 8-bit digits: cheap bucket scans for short rows
+    int64_t count[257] = {0};
+    for (int64_t j = 0; j < len; ++j) ++count[((s.keys[j] >> shift) & 255u) + 1];
+    if (count[((s.keys[0] >> shift) & 255u) + 1] == len) continue;  // one digit value: order unchanged
+    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+    for (int64_t j = 0; j < len; ++j) s.tmp[count[(s.keys[s.order[j]] >> shift) & 255u]++] = s.order[j];
     s.order.swap(s.tmp);
   }
   for (int64_t p = 0; p < len; ++p) s.rank[s.order[p]] = static_cast<uint32_t>(p);
@@ -151,8 +152,16 @@ PYFUSE_INLINE void l1_body(const Config& c, const void* const* x, const Model* m
   for (int32_t i = 0; i < c.k; ++i) {
     double before[kLanes] = {0}, after[kLanes] = {0};
     masked_segment<kDtype>(c, x[i], models[i], i, start, len, s, mk);
-    for (int64_t j = 0; j < len; ++j) {
-      before[j % kLanes] += static_cast<double>(std::abs(load<kDtype>(x[i], start + j) - s.base[j]));
+    const float* bt = s.base.data();
+    int64_t j = 0;
+    for (; j + kLanes <= len; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        before[l] += static_cast<double>(std::abs(load<kDtype>(x[i], start + j + l) - bt[j + l]));
+        after[l] += static_cast<double>(std::abs(mk[j + l]));
+      }
+    }
+    for (; j < len; ++j) {
+      before[j % kLanes] += static_cast<double>(std::abs(load<kDtype>(x[i], start + j) - bt[j]));
       after[j % kLanes] += static_cast<double>(std::abs(mk[j]));
     }
     for (int l = 0; l < kLanes; ++l) {

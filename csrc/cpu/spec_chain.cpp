@@ -8,6 +8,35 @@ namespace pyfuse {
 namespace cpu {
 namespace {
 
+// Sum of spec::fixed_weight(p - q) over n <= kChunk float32 entries (q null: q = 0): the hot loop of
+// rejection sampling, written so that it vectorises: the clamp to [0, 1] (NaN -> 0) works on the bits, and
+// int64(x), x = w * 2^40 < 2^41, is split as h * 2^20 + int(x - h * 2^20) with h = int(w * 2^20), so only
+// int32 conversions and sums are needed (exact for n <= 1024). no-trapping-math lets GCC if-convert the
+// loop; it changes no value. (Helpers are not called here: GCC does not inline across optimize attributes.)
+constexpr int64_t kChunk = 1024;
+const float kZeros[kChunk] = {};
+
+__attribute__((target_clones("arch=skylake-avx512", "avx2", "default"), optimize("no-trapping-math")))
+int64_t fixed_sum(const float* p, const float* q, int64_t n) {
+  if (q == nullptr) q = kZeros;
+  int32_t hi = 0, lo = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const float w = p[j] - q[j];
+    int32_t b;
+    __builtin_memcpy(&b, &w, 4);
+    b = b > 0x7f800000 ? 0 : b;           // +NaN
+    b = b < 0x3f800000 ? b : 0x3f800000;  // above 1 (and +inf)
+    b = b > 0 ? b : 0;                    // negative, -0, -NaN
+    float c;
+    __builtin_memcpy(&c, &b, 4);
+    const float x = c * spec::kFixedScale;
+    const int32_t h = static_cast<int32_t>(x * 0x1p-20f);
+    hi += h;
+    lo += static_cast<int32_t>(x - static_cast<float>(h) * 0x1p20f);
+  }
+  return static_cast<int64_t>(hi) * (int64_t{1} << 20) + lo;
+}
+
 struct SequentialReducer {
   const spec::ChainArgs& a;
 
@@ -48,18 +77,53 @@ struct SequentialReducer {
     return h;
   }
 
-  template <class Weight>
-  int64_t inverse_cdf(const Weight& weight, float u) const {
+  int64_t inverse_cdf(const spec::ProbRow& p, const spec::ProbRow* q, int64_t x, float u) const {
+    const bool dense = p.dtype == kFloat32 && !p.logits && (q == nullptr || (q->dtype == kFloat32 && !q->logits));
+    if (!dense) {
+      const auto weight = [&](int64_t j) { return spec::residual_weight(p, q, x, j); };
+      const auto chunk = [&](int64_t lo, int64_t hi) {
+        int64_t t = 0;
+        for (int64_t j = lo; j < hi; ++j) t += weight(j);
+        return t;
+      };
+      return scan(weight, a.vocab, chunk, u);
+    }
+    // float32 probabilities: vectorised chunk sums; the one-hot draft is a correction at x.
+    const float* pf = static_cast<const float*>(p.ptr) + p.off;
+    const float* qf = q != nullptr ? static_cast<const float*>(q->ptr) + q->off : nullptr;
+    const bool onehot = q == nullptr && x >= 0;
+    const int64_t wx = onehot ? spec::fixed_weight(pf[x] - 1.0f) - spec::fixed_weight(pf[x]) : 0;
+    const auto chunk = [&](int64_t lo, int64_t hi) {
+      return fixed_sum(pf + lo, qf != nullptr ? qf + lo : nullptr, hi - lo) + (lo <= x && x < hi ? wx : 0);
+    };
+    const auto weight = [&](int64_t j) {
+      return spec::fixed_weight(pf[j] - (qf != nullptr ? qf[j] : (j == x ? 1.0f : 0.0f)));
+    };
+    return scan(weight, a.vocab, chunk, u);
+  }
+
+ private:
+  // Inverse CDF: total from chunk sums, then the chunk holding the threshold, then the token inside it.
+  template <class Weight, class Chunk>
+  static int64_t scan(const Weight& weight, int64_t vocab, const Chunk& chunk, float u) {
     int64_t total = 0;
-    for (int64_t j = 0; j < a.vocab; ++j) total += weight(j);
+    for (int64_t lo = 0; lo < vocab; lo += kChunk) total += chunk(lo, lo + kChunk < vocab ? lo + kChunk : vocab);
     if (total == 0) return -1;
     const int64_t thr = spec::sample_threshold(u, total);
     int64_t c = 0;
-    for (int64_t j = 0; j < a.vocab; ++j) {
-      c += weight(j);
-      if (c > thr) return j;
+    for (int64_t lo = 0; lo < vocab; lo += kChunk) {
+      const int64_t hi = lo + kChunk < vocab ? lo + kChunk : vocab;
+      const int64_t next = c + chunk(lo, hi);
+      if (next <= thr) {
+        c = next;
+        continue;
+      }
+      for (int64_t j = lo; j < hi; ++j) {
+        c += weight(j);
+        if (c > thr) return j;
+      }
     }
-    return a.vocab - 1;
+    return vocab - 1;
   }
 };
 

@@ -38,7 +38,7 @@ struct SerialVocab {
       cum += w(x);
       if (static_cast<double>(cum) > threshold) return x;
     }
-    return vocab - 1;  // unreachable: threshold < total
+    return vocab - 1;  // only for an invalid injected uniform (>= 1 or NaN), as the reference
   }
 };
 

@@ -96,7 +96,7 @@ struct BlockVocab {
       if (first != kNone) return first;
       base += chunk;
     }
-    return vocab - 1;  // unreachable: threshold < total
+    return vocab - 1;  // only for an invalid injected uniform (>= 1 or NaN), as the reference
   }
 };
 

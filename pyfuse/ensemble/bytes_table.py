@@ -65,13 +65,9 @@ def byte_piece_value(token: str) -> int | None:
     return int(match.group(1), 16) if match else None
 
 
-def sentencepiece_bytes(token: str, byte_fallback: bool) -> bytes:
-    """Bytes of a SentencePiece piece: `▁` is a space, `<0xNN>` is that byte when the model
-    has byte fallback."""
-    if byte_fallback:
-        value = byte_piece_value(token)
-        if value is not None:
-            return bytes([value])
+def sentencepiece_bytes(token: str) -> bytes:
+    """Bytes of a SentencePiece piece, `▁` being a space (byte-fallback pieces `<0xNN>` are
+    handled by id, see `byte_piece_value`)."""
     return token.replace(SPIECE_SPACE, " ").encode("utf-8")
 
 

@@ -20,7 +20,7 @@ from .maps import EnsembleTables, tables_for
 
 __all__ = ["NextToken", "union_probs", "union_topk", "next_token", "MAX_TOPK"]
 
-MAX_TOPK = 128  # candidates per model in union_topk (M * k candidates live in registers on GPUs)
+MAX_TOPK = 32  # candidates per model in union_topk: M * k <= 256 candidates live in registers on GPUs
 MODES = ("prob", "logprob")
 ABSENT = ("zero", "renormalize")
 
@@ -127,7 +127,7 @@ def _prepare(logits, vmap, weights, temperature, mode, absent, backend):
     inv_temp = _check_temperature(temperature, M)
     name = resolve_backend(device, backend)
     return (logits, tables.to_union, tables.rev_offsets, tables.rev_ids, tables.first_ids, tables.multi,
-            tables.present, w, cpat, inv_temp, mode == "logprob", absent == "renormalize"), tables, name
+            list(tables.max_mult), tables.present, w, cpat, inv_temp, mode == "logprob", absent == "renormalize"), tables, name
 
 
 # ---- public functions --------------------------------------------------------------------------------
@@ -203,14 +203,14 @@ def next_token(logits, vmap, weights=None, *, greedy: bool = True, seed: int | N
 @torch.library.custom_op("pyfuse::union_probs", mutates_args=())
 def _union_probs_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev_offsets: list[torch.Tensor],
                     rev_ids: list[torch.Tensor], first_ids: list[torch.Tensor], multi: list[torch.Tensor],
-                    present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor, inv_temp: list[float],
+                    max_mult: list[int], present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor, inv_temp: list[float],
                     logprob: bool, renormalize: bool, backend: str) -> torch.Tensor:
-    return call_kernel("union_probs", backend, _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi,
+    return call_kernel("union_probs", backend, _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult,
                                                      present, weights, cpat, inv_temp, logprob, renormalize))
 
 
 @_union_probs_op.register_fake
-def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, present, weights, cpat, inv_temp, logprob,
+def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult, present, weights, cpat, inv_temp, logprob,
       renormalize, backend):
     return weights.new_empty((weights.shape[0], present.shape[0]))
 
@@ -218,14 +218,14 @@ def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, present, weights
 @torch.library.custom_op("pyfuse::union_topk", mutates_args=())
 def _union_topk_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev_offsets: list[torch.Tensor],
                    rev_ids: list[torch.Tensor], first_ids: list[torch.Tensor], multi: list[torch.Tensor],
-                   present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor, inv_temp: list[float],
+                   max_mult: list[int], present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor, inv_temp: list[float],
                    logprob: bool, renormalize: bool, k: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return call_kernel("union_topk", backend, _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi,
+    return call_kernel("union_topk", backend, _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult,
                                                     present, weights, cpat, inv_temp, logprob, renormalize), k)
 
 
 @_union_topk_op.register_fake
-def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, present, weights, cpat, inv_temp, logprob,
+def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult, present, weights, cpat, inv_temp, logprob,
       renormalize, k, backend):
     B = weights.shape[0]
     return weights.new_empty((B, k)), weights.new_empty((B, k), dtype=torch.int64)
@@ -234,16 +234,16 @@ def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, present, weights
 @torch.library.custom_op("pyfuse::next_token", mutates_args=())
 def _next_token_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev_offsets: list[torch.Tensor],
                    rev_ids: list[torch.Tensor], first_ids: list[torch.Tensor], multi: list[torch.Tensor],
-                   present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor, inv_temp: list[float],
+                   max_mult: list[int], present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor, inv_temp: list[float],
                    logprob: bool, renormalize: bool, from_union: list[torch.Tensor], greedy: bool, seed: int,
                    stream: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, present, weights, cpat, inv_temp,
+    args = _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult, present, weights, cpat, inv_temp,
                  logprob, renormalize)
     return call_kernel("next_token", backend, args, from_union, greedy, V.from_i64(seed), stream)
 
 
 @_next_token_op.register_fake
-def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, present, weights, cpat, inv_temp, logprob,
+def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult, present, weights, cpat, inv_temp, logprob,
       renormalize, from_union, greedy, seed, stream, backend):
     B, M = weights.shape
     return (weights.new_empty((B,), dtype=torch.int64), weights.new_empty((B, M), dtype=torch.int64),
@@ -258,6 +258,7 @@ class _Args(NamedTuple):
     rev_ids: list
     first_ids: list
     multi: list
+    max_mult: list
     present: torch.Tensor
     weights: torch.Tensor
     cpat: torch.Tensor
@@ -301,6 +302,7 @@ def _native_args(ext, a: _Args, from_union=None):
     return ext.ensemble_args(
         ptrs(a.logits), [x.stride(0) for x in a.logits], [x.shape[1] for x in a.logits], ptrs(a.to_union),
         ptrs(a.rev_offsets), ptrs(a.rev_ids), ptrs(a.first_ids), ptrs(a.multi), [t.numel() for t in a.multi],
+        a.max_mult,
         ptrs(from_union or []), list(a.inv_temp), a.present.data_ptr(), a.weights.data_ptr(), a.cpat.data_ptr(),
         dtype_code(a.logits[0]), a.weights.shape[0], a.union_size, a.logprob, a.renormalize)
 
@@ -331,3 +333,121 @@ def _next_token_cpu(a: _Args, from_union, greedy, seed, stream):
     cpu_ext().next_token(_native_args(cpu_ext(), a, from_union), greedy, seed, stream, uid.data_ptr(),
                          mid.data_ptr(), prob.data_ptr())
     return uid, mid, prob
+
+
+# ---- triton backend ----------------------------------------------------------------------------------
+
+_TILE = 1024  # union ids per Triton program
+_VBLOCK = 1024  # model ids per step of a row loop
+
+
+def _triton_setup(a: _Args):
+    """Pointer tables, per-model scalars and the model statistics (mx, 1/S) of every (row, model)."""
+    from ..kernels import ensemble as K
+
+    dev = a.weights.device
+    B, M = a.weights.shape
+    table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=dev)  # noqa: E731
+    c = dict(logit_ptrs=table(a.logits), elem_ptr=a.logits[0], off_ptrs=table(a.rev_offsets),
+             ids_ptrs=table(a.rev_ids),
+             stride=torch.tensor([x.stride(0) for x in a.logits], dtype=torch.int64, device=dev),
+             inv_temp=torch.tensor(a.inv_temp, dtype=torch.float32, device=dev))
+    vocab = torch.tensor([x.shape[1] for x in a.logits], dtype=torch.int64, device=dev)
+    mx = torch.empty(B, M, dtype=torch.float32, device=dev)
+    total = torch.empty(B, M, dtype=torch.int64, device=dev)
+    K.model_stats_kernel[(B, M)](c["logit_ptrs"], c["elem_ptr"], table(a.to_union), vocab, c["stride"],
+                                 c["inv_temp"], mx, total, M, BLOCK=_VBLOCK, enable_fp_fusion=False)
+    return K, c, mx, ref.unfix_recip(total)
+
+
+def _union_args(c, mx, inv_s, a: _Args):
+    return (c["logit_ptrs"], c["elem_ptr"], c["off_ptrs"], c["ids_ptrs"], c["stride"], c["inv_temp"], mx, inv_s,
+            a.present, a.weights, a.cpat)
+
+
+@register_kernel("union_probs", "triton")
+def _union_probs_triton(a: _Args):
+    K, c, mx, inv_s = _triton_setup(a)
+    B, M = a.weights.shape
+    U = a.union_size
+    tiles = triton_cdiv(U, _TILE)
+    out = torch.empty(B, U, dtype=torch.float32, device=a.weights.device)
+    flags = dict(LOGPROB=a.logprob, RENORM=a.renormalize, BLOCK=_TILE, enable_fp_fusion=False)
+    K.union_pass_kernel[(B, tiles)](*_union_args(c, mx, inv_s, a), out, out, out, out, U, M, tiles,
+                                    MODE=K.MODE_WRITE, **flags)
+    if a.logprob or a.renormalize:
+        kmax = out.amax(dim=1) if a.logprob else out[:, 0]
+        tile_sum = torch.empty(B, tiles, dtype=torch.int64, device=out.device)
+        K.scores_kernel[(B, tiles)](out, kmax, tile_sum, U, tiles, LOGPROB=a.logprob, BLOCK=_TILE,
+                                    enable_fp_fusion=False)
+        K.scale_kernel[(B, tiles)](out, ref.unfix_recip(tile_sum.sum(dim=1)), U, BLOCK=_TILE,
+                                   enable_fp_fusion=False)
+    return out
+
+
+@register_kernel("next_token", "triton")
+def _next_token_triton(a: _Args, from_union, greedy, seed, stream):
+    K, c, mx, inv_s = _triton_setup(a)
+    B, M = a.weights.shape
+    U = a.union_size
+    dev = a.weights.device
+    tiles = triton_cdiv(U, _TILE)
+    normalize = a.logprob or a.renormalize
+    flags = dict(LOGPROB=a.logprob, RENORM=a.renormalize, BLOCK=_TILE, enable_fp_fusion=False)
+    args = _union_args(c, mx, inv_s, a)
+    kmax = torch.zeros(B, dtype=torch.float32, device=dev)
+    if greedy or a.logprob:
+        tile_val = torch.empty(B, tiles, dtype=torch.float32, device=dev)
+        tile_idx = torch.empty(B, tiles, dtype=torch.int64, device=dev)
+        K.union_pass_kernel[(B, tiles)](*args, kmax, kmax, tile_val, tile_idx, U, M, tiles, MODE=K.MODE_MAX,
+                                        **flags)
+        kmax = tile_val.amax(dim=1)
+        best = torch.where(tile_val == kmax[:, None], tile_idx, U).amin(dim=1)  # lowest id wins ties
+    inv_z = torch.ones(B, dtype=torch.float32, device=dev)
+    if normalize or not greedy:
+        tile_sum = torch.empty(B, tiles, dtype=torch.int64, device=dev)
+        K.union_pass_kernel[(B, tiles)](*args, kmax, kmax, kmax, tile_sum, U, M, tiles, MODE=K.MODE_SUM, **flags)
+        total = tile_sum.sum(dim=1)
+        if normalize:
+            inv_z = ref.unfix_recip(total)
+    if greedy:
+        none = kmax <= (float("-inf") if a.logprob else 0.0)
+        uid = torch.where(none, -1, best)
+        prob = torch.where(none, 0.0, (torch.ones_like(kmax) if a.logprob else kmax) * inv_z)
+    else:
+        target = ref.sample_target(total, seed, stream)
+        cum = torch.cumsum(tile_sum, dim=1)
+        tile = (cum <= target[:, None]).sum(dim=1).clamp(max=tiles - 1)
+        base = torch.gather(cum - tile_sum, 1, tile[:, None])[:, 0]
+        tile = torch.where(total > 0, tile, -1)
+        chosen = torch.full((B,), -1, dtype=torch.int64, device=dev)
+        score = torch.zeros(B, dtype=torch.float32, device=dev)
+        K.pick_kernel[(B,)](*args, kmax, tile, base, target, chosen, score, U, M, **flags)
+        uid = chosen
+        prob = score * inv_z
+    safe = uid.clamp(min=0)
+    model_ids = torch.stack([torch.where(uid >= 0, f.to(torch.int64)[safe], -1) for f in from_union], dim=1)
+    return uid, model_ids, prob
+
+
+@register_kernel("union_topk", "triton")
+def _union_topk_triton(a: _Args, k: int):
+    from ..kernels import ensemble as K
+
+    B, M = a.weights.shape
+    dev = a.weights.device
+    table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=dev)  # noqa: E731
+    probs = torch.empty(B, k, dtype=torch.float32, device=dev)
+    ids = torch.empty(B, k, dtype=torch.int64, device=dev)
+    K.topk_kernel[(B,)](
+        table(a.logits), a.logits[0], table(a.to_union), table(a.rev_offsets), table(a.rev_ids),
+        torch.tensor([x.shape[1] for x in a.logits], dtype=torch.int64, device=dev),
+        torch.tensor([x.stride(0) for x in a.logits], dtype=torch.int64, device=dev),
+        torch.tensor(a.inv_temp, dtype=torch.float32, device=dev), a.present, a.weights, a.cpat, probs, ids, M, k,
+        LOGPROB=a.logprob, RENORM=a.renormalize, BLOCK=_VBLOCK, C=max(16, 1 << (M * k - 1).bit_length()),
+        enable_fp_fusion=False)
+    return probs, ids
+
+
+def triton_cdiv(n: int, d: int) -> int:
+    return -(-n // d)

@@ -6,8 +6,9 @@ list all become b" hello"). Special tokens live in their own namespace, keyed by
 end-of-sequence token becomes the one union `eos`, beginning-of-sequence tokens `bos`, and so on;
 other specials are keyed by their literal content (`<|im_start|>`).
 
-Union ids are assigned in order of first appearance (model 0's ids first, then each further model's
-new tokens), so a single model's union ids keep its own id order.
+Union ids are assigned in order of first appearance: model 0's text tokens in id order, then its
+specials, then model 1's new text tokens and new specials, and so on; so a single model's text tokens
+keep their id order (greedy ties resolve as they do on the model's own logits).
 
 Memory: 4 bytes per model id (`to_union`) + 4 bytes per union id and model (`from_union`), plus the
 union byte strings.
@@ -244,39 +245,45 @@ def _build(models, vocab_sizes) -> VocabMap:
     text_ids: dict[bytes, int] = {}
     role_ids: dict[str, int] = {}
     union_bytes: list[bytes] = []
-    to_union, canonical = [], []
-    for (entries, specials, fallback), size in zip(models, vocab_sizes):
-        fwd = np.full(size, -1, dtype=np.int32)
-        rev: dict[int, int] = {}
+    forward = []
+    for (entries, specials, _), size in zip(models, vocab_sizes):
+        fwd = [-1] * size
+        get = text_ids.get
         for i, b in enumerate(entries):
-            role = specials.get(i)
-            if role is not None:
-                u = role_ids.get(role)
-                if u is None:
-                    u = role_ids[role] = len(union_bytes)
-                    union_bytes.append(b"")
-            elif b:
-                u = text_ids.get(b)
+            if b and i not in specials:
+                u = get(b)
                 if u is None:
                     u = text_ids[b] = len(union_bytes)
                     union_bytes.append(b)
-            else:
-                continue
+                fwd[i] = u
+        for i in sorted(specials):
+            u = role_ids.get(specials[i])
+            if u is None:
+                u = role_ids[specials[i]] = len(union_bytes)
+                union_bytes.append(b"")
             fwd[i] = u
-            prev = rev.get(u)
-            if prev is None or (prev in fallback and i not in fallback):
-                rev[u] = i
-        to_union.append(torch.from_numpy(fwd))
-        canonical.append(rev)
-    from_union = []
-    for rev in canonical:
-        back = np.full(len(union_bytes), -1, dtype=np.int32)
-        if rev:
-            back[np.fromiter(rev.keys(), np.int64, len(rev))] = np.fromiter(rev.values(), np.int32,
-                                                                            len(rev))
-        from_union.append(torch.from_numpy(back))
+        forward.append(np.array(fwd, dtype=np.int32))
+    from_union = [torch.from_numpy(_canonical(fwd, fallback, len(union_bytes)))
+                  for fwd, (_, _, fallback) in zip(forward, models)]
     roles = {u: role for role, u in role_ids.items()}
-    return VocabMap(union_bytes, roles, to_union, from_union)
+    return VocabMap(union_bytes, roles, [torch.from_numpy(f) for f in forward], from_union)
+
+
+def _canonical(fwd: np.ndarray, fallback, union_size: int) -> np.ndarray:
+    """from_union of one model: per union id the lowest id that is not a fallback piece, else the
+    lowest fallback id, else -1."""
+    ids = np.nonzero(fwd >= 0)[0]
+    keys = fwd[ids]
+    is_fallback = np.zeros(len(fwd), dtype=bool)
+    if fallback:
+        is_fallback[np.fromiter(fallback, np.int64, len(fallback))] = True
+    order = np.lexsort((ids, is_fallback[ids], keys))  # by union id, then regular first, then id
+    keys, ids = keys[order], ids[order]
+    first = np.ones(len(keys), dtype=bool)
+    first[1:] = keys[1:] != keys[:-1]
+    back = np.full(union_size, -1, dtype=np.int32)
+    back[keys[first]] = ids[first]
+    return back
 
 
 # -- Hugging Face tokenizers ------------------------------------------------------------------
@@ -288,17 +295,22 @@ def _tokenizer_entries(tok):
     for s, i in tok.get_vocab().items():
         if 0 <= i < n:
             tokens[i] = s
+    to_bytes, byte_fallback = _spelling(tok)
+    entries = [None if s is None else to_bytes(s) for s in tokens]
+    fallback = set()
+    if byte_fallback:
+        for i, s in enumerate(tokens):
+            value = bytes_table.byte_piece_value(s) if s and s.startswith("<0x") else None
+            if value is not None:
+                entries[i] = bytes([value])
+                fallback.add(i)
     added = getattr(tok, "added_tokens_decoder", {})
+    for i in added:  # added tokens are stored as plain text, outside the model's spelling
+        if 0 <= i < n and tokens[i] is not None:
+            entries[i] = tokens[i].encode("utf-8")
     special_ids = {i for i in tok.all_special_ids if 0 <= i < n}
     special_ids |= {i for i, a in added.items() if getattr(a, "special", False) and 0 <= i < n}
-    to_bytes, byte_piece_ids = _spelling(tok, tokens)
-    entries: list[bytes | None] = [None] * n
-    for i, s in enumerate(tokens):
-        if s is None or i in special_ids:
-            continue
-        # Added tokens are stored as plain text, outside the model's spelling.
-        entries[i] = s.encode("utf-8") if i in added else to_bytes(s)
-    return entries, _special_roles(tok, special_ids, tokens), byte_piece_ids
+    return entries, _special_roles(tok, special_ids, tokens), fallback
 
 
 def _special_roles(tok, special_ids, tokens):
@@ -335,8 +347,8 @@ def _component_types(component):
     return types, state
 
 
-def _spelling(tok, tokens):
-    """(token string -> bytes function, byte-fallback ids) for this tokenizer's spelling."""
+def _spelling(tok):
+    """(token string -> bytes function, whether `<0xNN>` pieces are byte fallback) of a tokenizer."""
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is not None:
         types, states = set(), ""
@@ -344,35 +356,27 @@ def _spelling(tok, tokens):
             t, s = _component_types(comp)
             types |= t
             states += s
-        model_type = type(backend.model).__name__
         if "ByteLevel" in types:
-            return bytes_table.byte_level_bytes, frozenset()
-        if model_type == "WordPiece":
+            return bytes_table.byte_level_bytes, False
+        if type(backend.model).__name__ == "WordPiece":
             prefix = backend.model.continuing_subword_prefix
-            return (lambda s: bytes_table.wordpiece_bytes(s, prefix)), frozenset()
+            return (lambda s: bytes_table.wordpiece_bytes(s, prefix)), False
         if "Metaspace" in types or bytes_table.SPIECE_SPACE in states:
-            byte_fallback = "ByteFallback" in types or bool(getattr(backend.model, "byte_fallback",
-                                                                    False))
-            return _sentencepiece(tokens, byte_fallback)
-        return _utf8, frozenset()
+            return bytes_table.sentencepiece_bytes, ("ByteFallback" in types
+                                                     or bool(getattr(backend.model, "byte_fallback", False)))
+        return _utf8, False
     # Slow (Python) tokenizers.
     if isinstance(getattr(tok, "byte_decoder", None), dict):
         trans = bytes_table.byte_level_translation(tok.byte_decoder)
-        return (lambda s: bytes_table.byte_level_bytes(s, trans)), frozenset()
+        return (lambda s: bytes_table.byte_level_bytes(s, trans)), False
     sp = getattr(tok, "sp_model", None)
     if sp is not None:
-        return _sentencepiece(tokens, any(sp.IsByte(i) for i in range(sp.get_piece_size())))
+        return bytes_table.sentencepiece_bytes, bool(sp.IsByte(sp.PieceToId("<0x00>")))
     wordpiece = getattr(tok, "wordpiece_tokenizer", None)
     if wordpiece is not None:
         prefix = getattr(wordpiece, "continuing_subword_prefix", "##")
-        return (lambda s: bytes_table.wordpiece_bytes(s, prefix)), frozenset()
-    return _utf8, frozenset()
-
-
-def _sentencepiece(tokens, byte_fallback):
-    pieces = frozenset(i for i, s in enumerate(tokens)
-                       if byte_fallback and s is not None and bytes_table.byte_piece_value(s) is not None)
-    return (lambda s: bytes_table.sentencepiece_bytes(s, byte_fallback)), pieces
+        return (lambda s: bytes_table.wordpiece_bytes(s, prefix)), False
+    return _utf8, False
 
 
 def _utf8(s: str) -> bytes:

@@ -21,6 +21,7 @@ Intended differences from mergekit (see ``pyfuse.merge.presets`` for the shared 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 from typing import Any, Optional
 
@@ -60,23 +61,20 @@ class PyfuseTaskArithmeticMerge(GeneralizedTaskArithmeticMerge):
         if not entries or base.dtype not in FLOAT_DTYPES:
             return super().merge_group(group, **parameters)
         sparsify = _SPARSIFY[self.sparsification_method]
-
-        def per_model(key: str, default: float, clamp):
-            values = parameters.get(key)
-            return [clamp(values[e.id]) for e in entries] if values is not None else default
-
-        # mergekit treats density >= 1 as "keep all" and gamma >= 1 like 1; density <= 0 keeps nothing,
-        # except for DARE, where torch.bernoulli rejects a negative probability (merge_tensors does too).
-        density = per_model("density", 1.0, lambda d: min(d, 1.0) if sparsify == "random" else min(max(d, 0.0), 1.0))
-        seed = None
-        if self.seed is not None:
-            seed = tensor_seed(self.seed, group.metadata.name or "")
+        # mergekit reads density >= 1 as "keep all" and gamma >= 1 like 1, density <= 0 as "keep nothing"
+        # except for DARE, where torch.bernoulli rejects a negative density (merge_tensors rejects it too).
+        low = -math.inf if sparsify == "random" else 0.0
+        knobs = {"density": [min(max(d, low), 1.0) for d in parameters["density"].values_for(entries)]}
+        if "gamma" in parameters:
+            knobs["gamma"] = [min(g, 1.0) for g in parameters["gamma"].values_for(entries)]
+        if "epsilon" in parameters:
+            knobs["epsilon"] = parameters["epsilon"].values_for(entries)
+        seed = None if self.seed is None else tensor_seed(self.seed, group.metadata.name or "")
         return gta_merge(
-            base, [e.tensor for e in entries], [parameters["weight"][e.id] for e in entries],
-            sparsify=sparsify, consensus="none" if self.consensus_method is None else self.consensus_method.value,
-            normalize=parameters["normalize"], rescale=parameters["rescale"], density=density,
-            gamma=per_model("gamma", 0.01, lambda g: min(g, 1.0)), epsilon=per_model("epsilon", 0.15, float),
-            lam=parameters["lambda"], seed=seed, out_dtype=base.dtype, backend=self.backend)
+            base, [e.tensor for e in entries], parameters["weight"].values_for(entries), sparsify=sparsify,
+            consensus="none" if self.consensus_method is None else self.consensus_method.value,
+            normalize=parameters["normalize"], rescale=parameters["rescale"], lam=parameters["lambda"], seed=seed,
+            out_dtype=base.dtype, backend=self.backend, **knobs)
 
 
 class _Installed:

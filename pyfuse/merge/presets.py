@@ -29,10 +29,6 @@ class Preset:
     normalize: bool
     rescale: bool
 
-    @property
-    def random(self) -> bool:
-        return self.sparsify in ("random", "della")
-
 
 PRESETS = {p.name: p for p in (
     Preset("task_arithmetic", "none", "none", normalize=False, rescale=False),

@@ -53,9 +53,10 @@ def residual(w: torch.Tensor, inv: float, wq: torch.Tensor, q_inv: float) -> tor
 
 
 def sample(w: torch.Tensor, u: float) -> int:
-    """First index whose cumulative weight exceeds u * sum(w); sum(w) > 0."""
+    """First index whose cumulative weight exceeds u * sum(w) (sum(w) > 0); the last index when none does,
+    which only an invalid injected uniform (>= 1 or NaN) can cause."""
     threshold = float(u) * float(w.sum())
-    return int((torch.cumsum(w, 0).double() <= threshold).sum())
+    return min(int((~(torch.cumsum(w, 0).double() > threshold)).sum()), w.numel() - 1)
 
 
 def greedy_argmax(row: torch.Tensor) -> int:

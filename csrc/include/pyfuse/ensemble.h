@@ -11,7 +11,7 @@ namespace pyfuse {
 namespace ensemble {
 
 constexpr int kMaxModels = 8;
-constexpr int kMaxTopk = 128;
+constexpr int kMaxTopk = 32;
 constexpr float kFixScale = 1099511627776.0f;   // 2^40
 constexpr float kFixUnit = 9.094947017729282e-13f;  // 2^-40
 constexpr uint32_t kSamplePurpose = 0x454E534Du;  // "ENSM"
@@ -30,6 +30,7 @@ struct Args {
   const int32_t* first_ids[kMaxModels];  // CPU fast path: first reverse id or -1
   const int32_t* multi[kMaxModels];      // CPU fast path: union ids with several reverse ids
   int64_t num_multi[kMaxModels];
+  int64_t max_mult[kMaxModels];          // longest reverse list
   const int32_t* from_union[kMaxModels];
   float inv_temp[kMaxModels];
   const uint8_t* present;  // [U] bit m: model m has the union id

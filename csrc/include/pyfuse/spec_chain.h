@@ -192,13 +192,19 @@ struct ProbRow {
   PYFUSE_HD float prob(int64_t j) const { return logits ? softmax_prob(raw(j), m, s, temperature) : raw(j); }
 };
 
+// Sampling weight of token j in max(0, p - q); q is the draft row, or one-hot at x when null (x = -1: q = 0).
+PYFUSE_HD int64_t residual_weight(const ProbRow& p, const ProbRow* q, int64_t x, int64_t j) {
+  return fixed_weight(p.prob(j) - (q != nullptr ? q->prob(j) : (j == x ? 1.0f : 0.0f)));
+}
+
 // Per-request decisions of every mode. R is the backend's vocabulary-wide reduction (sequential on the
 // CPU, block-collective on CUDA: every thread then runs this code in lockstep with identical results):
 //   ProbRow row(ptr, dtype, logits, off)       the row with its softmax statistics filled in
 //   int64_t argmax(row)                        lowest index of the max of row.raw (NaN never wins)
 //   float entropy(row)                         -sum p log p over p > 0
-//   int64_t inverse_cdf(weight, u)             first j whose inclusive prefix sum of weight(j) exceeds
-//                                              sample_threshold(u, total); -1 when total == 0
+//   int64_t inverse_cdf(p, q, x, u)            first j whose inclusive prefix sum of
+//                                              residual_weight(p, q, x, j) exceeds sample_threshold(u, total);
+//                                              -1 when total == 0
 template <class R>
 struct ChainOps {
   const ChainArgs& a;
@@ -224,17 +230,15 @@ struct ChainOps {
   PYFUSE_HD int64_t final_token(int64_t b, const Span& s, int64_t i, int64_t x) {
     const ProbRow p = target_row(b, s, i);
     if (a.mode != kRejection) return r.argmax(p);
-    const auto plain = [&](int64_t j) { return fixed_weight(p.prob(j)); };
     int64_t tok;
-    if (i < s.count) {  // recovered token from normalised max(0, p - q); q one-hot without draft rows
+    if (i < s.count) {  // recovered token from normalised max(0, p - q); q one-hot at x without draft rows
       const float u = draw(a, b, s, i, 1, kResidualDraw);
-      const bool has_draft = a.draft != nullptr;
-      const ProbRow q = has_draft ? draft_row(b, s, i) : p;
-      tok = r.inverse_cdf(
-          [&](int64_t j) { return fixed_weight(p.prob(j) - (has_draft ? q.prob(j) : (j == x ? 1.0f : 0.0f))); }, u);
-      if (tok < 0) tok = r.inverse_cdf(plain, u);  // p <= q everywhere: fall back to p
+      ProbRow q = p;
+      if (a.draft != nullptr) q = draft_row(b, s, i);
+      tok = r.inverse_cdf(p, a.draft != nullptr ? &q : nullptr, x, u);
+      if (tok < 0) tok = r.inverse_cdf(p, nullptr, -1, u);  // p <= q everywhere: fall back to p
     } else {
-      tok = r.inverse_cdf(plain, draw(a, b, s, i, 1, kBonusDraw));
+      tok = r.inverse_cdf(p, nullptr, -1, draw(a, b, s, i, 1, kBonusDraw));
     }
     return tok < 0 ? a.vocab - 1 : tok;
   }
