@@ -138,7 +138,7 @@ def _union_keys(b, u, inside, logit_ptrs, elem_ptr, off_ptrs, ids_ptrs, stride, 
         P = E * tl.load(inv_s + b * M + m)
         w = tl.load(weights + b * M + m)
         if LOGPROB:
-            take = w > 0.0
+            take = (acc * 0.0 + w) > 0.0  # a tensor, so that it combines with the pattern bits
             if RENORM:
                 take = take & (((pat >> m) & 1) == 1)
             acc = tl.where(take, acc + w * log_det(P), acc)
@@ -286,7 +286,7 @@ def topk_kernel(logit_ptrs, elem_ptr, fwd_ptrs, off_ptrs, ids_ptrs, vocab, strid
         P = E * unfix_recip(tl.sum(tl.where(keep, fix(E), 0), axis=0))
         w = tl.load(weights + b * M + m)
         if LOGPROB:
-            take = w > 0.0
+            take = (acc * 0.0 + w) > 0.0  # a tensor, so that it combines with the pattern bits
             if RENORM:
                 take = take & (((pat >> m) & 1) == 1)
             acc = tl.where(take, acc + w * log_det(P), acc)
@@ -297,7 +297,7 @@ def topk_kernel(logit_ptrs, elem_ptr, fwd_ptrs, off_ptrs, ids_ptrs, vocab, strid
     if LOGPROB:
         key = tl.where(used, acc * c, NEG_INF)
         kmax = tl.max(tl.where(keep, key, NEG_INF), axis=0)
-        r = tl.where(keep & (kmax > NEG_INF), exp_det(key - kmax), 0.0)
+        r = tl.where(keep, tl.where(kmax > NEG_INF, exp_det(key - kmax), 0.0), 0.0)
     else:
         key = acc * c
         r = tl.where(keep, key, 0.0)

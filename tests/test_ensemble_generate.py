@@ -7,13 +7,13 @@ import importlib
 import pytest
 import torch
 
-from pyfuse.ensemble import NextToken, VocabMap, generate
+from pyfuse.ensemble import NextToken, VocabMap, generate, union_topk
 
 # The module (the package attribute `generate` is the function).
 gen_mod = importlib.import_module("pyfuse.ensemble.generate")
 
 transformers = pytest.importorskip("transformers")
-from test_ensemble_vocab import train_bpe, train_unigram  # noqa: E402  (tokenizers trained locally)
+from test_ensemble_vocab import train_bpe, train_unigram, train_wordpiece  # noqa: E402  (tokenizers trained locally)
 
 PROMPTS = ["The quick brown fox", "Héllo", "Ensembling language models with different vocabularies:"]
 
@@ -237,6 +237,27 @@ def test_resync_crops_to_common_prefix(setup, monkeypatch):
     assert any(c["ids"].shape[1] == 1 for c in recs[0].calls[1:])
 
 
+def test_split_character_waits_for_model_without_byte_tokens(setup):
+    """WordPiece has no byte tokens: the first byte of `é` stays pending (the model is fed nothing) until
+    the character is complete; an invalid byte it cannot spell is skipped. The BPE spells both."""
+    bpe, wp = setup["toks"][0], train_wordpiece()
+    vmap = VocabMap.from_tokenizers([bpe, wp])
+    wp_stream = gen_mod._Stream(tiny_llama(wp, 2), wp, vmap, 1, ["hi"])
+    bpe_stream = gen_mod._Stream(setup["models"][0], bpe, vmap, 0, ["hi"])
+    first, second = "é".encode()[:1], "é".encode()[1:]
+    for data in (first, second):
+        u = vmap.text_id(data)
+        assert u is not None and int(vmap.from_union[1][u]) == -1
+        wp_stream.append(0, u, data)
+        bpe_stream.append(0, u, data)
+        if data == first:
+            assert wp_stream.pending[0] == first and wp_stream.ids[0] == wp("hi")["input_ids"]
+    assert wp_stream.pending[0] == b""
+    assert wp_stream.ids[0][wp_stream.n_prompt[0]:] == wp("é", add_special_tokens=False)["input_ids"]
+    assert token_bytes(vmap, 0, bpe_stream.ids[0][bpe_stream.n_prompt[0]:]) == "é".encode()
+    assert wp_stream._encode(b"ab \xff cd") == (wp("ab cd", add_special_tokens=False)["input_ids"], b"")
+
+
 def test_batched_rows_equal_single_rows(setup):
     models, toks = setup["models"], setup["toks"]
     batched = generate(models, toks, PROMPTS, max_new_tokens=10)
@@ -246,13 +267,39 @@ def test_batched_rows_equal_single_rows(setup):
 def test_sampling_and_options(setup):
     models, toks = setup["models"], setup["toks"]
     a = generate(models, toks, PROMPTS[:2], max_new_tokens=6, greedy=False, seed=3, weights=[0.3, 0.7])
-    assert a == generate(models, toks, PROMPTS[:2], max_new_tokens=6, greedy=False, seed=3, weights=[0.3, 0.7])
+    assert a == generate(models, toks, PROMPTS[:2], max_new_tokens=6, greedy=False, seed=3,
+                         weights=[0.3, 0.7])
     seeds = {tuple(generate(models, toks, PROMPTS[:2], max_new_tokens=6, greedy=False, seed=s))
              for s in range(4)}
     assert len(seeds) > 1  # the seed matters
     for kwargs in ({"mode": "logprob"}, {"top_k": 4}, {"top_k": 4, "greedy": False, "seed": 1}):
         out = generate(models, toks, PROMPTS[:2], max_new_tokens=4, **kwargs)
         assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+def test_top_k_sampling_follows_candidate_probs(monkeypatch):
+    """generate's own draw among the top-k union candidates: 6000 rows with the same logits, counts
+    vs union_topk's probabilities renormalised over the k candidates; chi2 < df + 10 sqrt(2 df). A draw
+    from a skewed uniform (u**2, a plausible bug) must fail the same test."""
+    vmap = VocabMap.from_token_bytes([[b"a", b"b", b"c", b"d", b"e", b"f"], [b"b", b"c", b"x", b"y", b"a"]])
+    g = torch.Generator().manual_seed(0)
+    rows, k = 6000, 3
+    logits = [torch.randn(1, v, generator=g).expand(rows, -1).contiguous() for v in (6, 5)]
+    probs, ids = union_topk(logits, vmap, k)
+    law = probs[0] / probs[0].sum()
+
+    def chi2():
+        picked = gen_mod._choose(logits, vmap, None, False, 7, 0, "prob", k)
+        counts = torch.stack([(picked == u).sum() for u in ids[0]]).double()
+        assert int(counts.sum()) == rows  # only real candidates are drawn
+        expected = law.double() * rows
+        return float(((counts - expected) ** 2 / expected).sum())
+
+    df = k - 1
+    assert chi2() < df + 10 * (2 * df) ** 0.5
+    real = gen_mod.rand
+    monkeypatch.setattr(gen_mod, "rand", lambda *a, **kw: real(*a, **kw) ** 2)
+    assert chi2() > df + 10 * (2 * df) ** 0.5
 
 
 def test_top_k_greedy_equals_full_greedy_for_one_model(setup):

@@ -10,7 +10,7 @@ import torch
 from pyfuse.ensemble import VocabMap
 from pyfuse.ensemble import bytes_table
 
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402

@@ -152,16 +152,8 @@ PYFUSE_INLINE void l1_body(const Config& c, const void* const* x, const Model* m
   for (int32_t i = 0; i < c.k; ++i) {
     double before[kLanes] = {0}, after[kLanes] = {0};
     masked_segment<kDtype>(c, x[i], models[i], i, start, len, s, mk);
-    const float* bt = s.base.data();
-    int64_t j = 0;
-    for (; j + kLanes <= len; j += kLanes) {
-      for (int l = 0; l < kLanes; ++l) {
-        before[l] += static_cast<double>(std::abs(load<kDtype>(x[i], start + j + l) - bt[j + l]));
-        after[l] += static_cast<double>(std::abs(mk[j + l]));
-      }
-    }
-    for (; j < len; ++j) {
-      before[j % kLanes] += static_cast<double>(std::abs(load<kDtype>(x[i], start + j) - bt[j]));
+    for (int64_t j = 0; j < len; ++j) {
+      before[j % kLanes] += static_cast<double>(std::abs(load<kDtype>(x[i], start + j) - s.base[j]));
       after[j % kLanes] += static_cast<double>(std::abs(mk[j]));
     }
     for (int l = 0; l < kLanes; ++l) {

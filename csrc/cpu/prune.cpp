@@ -1,11 +1,14 @@
 // pyfuse.magnitude_prune and pyfuse.random_prune on the CPU (OpenMP).
 //
-// magnitude_prune: two passes in the common case. Pass 1 is the first-level histogram of
-// select.h; the write pass keeps every element at or above the boundary bucket and collects the
-// bucket's elements (as 16-bit offsets inside their fixed chunk); a serial fix-up then finds the exact
-// threshold among those few candidates and zeroes the ones below it, ties beyond k last. When the
-// boundary bucket is large (heavy ties) the exact threshold comes first (select_threshold) and the
-// write pass applies it directly. x may alias out (the op copies non-contiguous inputs into out).
+// magnitude_prune reads x once in the common case. A 1/64 sample gives a narrow key band that holds
+// the k-th largest key with high probability; the write pass keeps every element at or above the band
+// and collects the band's elements (as 16-bit offsets inside their fixed chunk); the exact threshold is
+// then selected among those few candidates (select.h) and the ones below it are zeroed, ties beyond k
+// last. Exact whatever the sample says: when the band misses, or for small or in-place inputs, the band
+// is the boundary bucket of a full first-level histogram (select.h, one more read), and with heavy
+// ties (too many candidates) the exact threshold comes first and the write pass applies it directly.
+// x may alias out (the op copies non-contiguous inputs into out, then prunes in place).
+#include <math.h>
 #include <string.h>
 
 #include <vector>
@@ -25,12 +28,13 @@ namespace {
 using select::kChunk;
 
 // out[i] = x[i] where key >= lo, else +0, as an integer bit-mask select so that it vectorizes.
-// With band != nullptr also flags band[i] = (lo <= key < hi) (the boundary bucket) and returns how
-// many were flagged.
+// With band != nullptr also flags band[i] = (lo <= key < hi), returns how many were flagged and adds
+// the number of keys >= hi to *above.
 template <class Bits, bool kBand>
-PYFUSE_INLINE int64_t keep_from_body(const Bits* x, Bits* out, uint8_t* band, int64_t len, uint32_t lo, uint32_t hi) {
+PYFUSE_INLINE int64_t keep_from_body(const Bits* x, Bits* out, uint8_t* band, int64_t len, uint32_t lo, uint32_t hi,
+                                     int64_t* above) {
   constexpr uint32_t kAbs = sizeof(Bits) == 4 ? 0x7fffffffu : 0x7fffu;
-  int64_t in_band = 0;
+  int64_t in_band = 0, over = 0;
   for (int64_t i = 0; i < len; ++i) {
     const uint32_t key = uint32_t(x[i]) & kAbs;
     const Bits keep = Bits(0) - Bits(key >= lo);
@@ -39,20 +43,22 @@ PYFUSE_INLINE int64_t keep_from_body(const Bits* x, Bits* out, uint8_t* band, in
       const uint8_t f = uint8_t((key >= lo) & (key < hi));
       band[i] = f;
       in_band += f;
+      over += key >= hi;
     }
   }
+  if (kBand) *above += over;
   return in_band;
 }
 
 PYFUSE_CLONES int64_t keep_from(const uint32_t* x, uint32_t* out, uint8_t* band, int64_t len, uint32_t lo,
-                                uint32_t hi) {
-  return band ? keep_from_body<uint32_t, true>(x, out, band, len, lo, hi)
-              : keep_from_body<uint32_t, false>(x, out, band, len, lo, hi);
+                                uint32_t hi, int64_t* above) {
+  return band ? keep_from_body<uint32_t, true>(x, out, band, len, lo, hi, above)
+              : keep_from_body<uint32_t, false>(x, out, band, len, lo, hi, above);
 }
 PYFUSE_CLONES int64_t keep_from(const uint16_t* x, uint16_t* out, uint8_t* band, int64_t len, uint32_t lo,
-                                uint32_t hi) {
-  return band ? keep_from_body<uint16_t, true>(x, out, band, len, lo, hi)
-              : keep_from_body<uint16_t, false>(x, out, band, len, lo, hi);
+                                uint32_t hi, int64_t* above) {
+  return band ? keep_from_body<uint16_t, true>(x, out, band, len, lo, hi, above)
+              : keep_from_body<uint16_t, false>(x, out, band, len, lo, hi, above);
 }
 
 // Candidate offsets inside one fixed chunk fit 16 bits.
@@ -61,7 +67,8 @@ static_assert(kChunk <= 65536, "chunk offsets are stored as uint16");
 template <class Bits, int kKeyBits>
 struct MagnitudePrune {
   static constexpr uint32_t kAbs = (uint32_t(1) << kKeyBits) - 1u;
-  static constexpr int64_t kBlock = 4096;  // write-pass block: rescanned from L1 when it holds candidates
+  static constexpr int64_t kBlock = 4096;       // write-pass block: its candidate flags stay in L1
+  static constexpr int64_t kSampleMin = 1 << 20;  // below this a full histogram pass is cheap anyway
 
   const Bits* x;
   Bits* out;
@@ -69,17 +76,28 @@ struct MagnitudePrune {
 
   uint32_t key(int64_t i) const { return uint32_t(x[i]) & kAbs; }
 
+  // A candidate costs 2 + 4 bytes in its chunk's buffers and 4 in the final selection (x2 for
+  // reserve slack): keep them under 1/10 of the input's bytes.
+  bool candidates_fit(int64_t count) const { return count * 20 <= n * int64_t(sizeof(Bits)) / 10; }
+
+  // Buffer size per chunk for `count` expected candidates overall, with a margin.
+  int64_t per_chunk(int64_t count) const { return count / select::num_chunks(n) * 5 / 4 + 16; }
+
   void run() const {
     if (k <= 0) return fill_zero();
     if (k >= n) {
       if (x != out) memcpy(out, x, size_t(n) * sizeof(Bits));
       return;
     }
+    // A sampled band can miss; a retry rewrites out from x, so only when x is not out.
+    uint32_t lo, hi;
+    int64_t expected;
+    if (x != out && n >= kSampleMin && sample_band(&lo, &hi, &expected) && write_band(lo, hi, per_chunk(expected)))
+      return;
     auto key_of = [this](int64_t i) { return key(i); };
     const select::Bucket b = select::find_bucket<kKeyBits>(n, k, key_of);
-    // Candidates cost 2 bytes each (x3 for vector growth): stay under 1/10 of the input's bytes.
-    if (b.count * 6 <= n * int64_t(sizeof(Bits)) / 10) {
-      write_with_candidates(b);
+    if (candidates_fit(b.count)) {
+      write_band(b.bin << b.shift, (b.bin + 1u) << b.shift, per_chunk(b.count));  // holds the threshold
     } else {
       write_exact(select::refine<kKeyBits>(b, n, k, key_of));
     }
@@ -94,42 +112,81 @@ struct MagnitudePrune {
     }
   }
 
-  // Keeps the whole boundary bucket, records its members, then trims it to exactly k.
-  void write_with_candidates(const select::Bucket& b) const {
-    const uint32_t lo = b.bin << b.shift, hi = (b.bin + 1u) << b.shift;
+  // Estimates a narrow key band [lo, hi) around the k-th largest key from about n/64 keys (runs of
+  // 64 consecutive elements spread evenly: cache friendly, deterministic), with a 4-sigma binomial
+  // margin on the sampled rank. Costs 1/64 of the full histogram pass it replaces. False when the
+  // band would hold too many candidates (heavy ties).
+  bool sample_band(uint32_t* lo, uint32_t* hi, int64_t* expected) const {
+    constexpr int64_t kRun = 64;
+    constexpr int shift = kKeyBits > 16 ? kKeyBits - 16 : 0;
+    const int64_t runs = n / (64 * kRun), stride = n / runs, s = runs * kRun;
+    std::vector<int64_t> hist;
+    select::histogram(
+        s, [this, stride](int64_t i) { return key(i / kRun * stride + i % kRun); },
+        [](uint32_t key, uint32_t* h) { ++h[key >> shift]; }, int64_t(1) << (kKeyBits - shift), hist);
+    const double p = double(k) / double(n), rank = p * double(s);
+    const double margin = 4.0 * std::sqrt(double(s) * p * (1.0 - p)) + 2.0;
+    const int64_t upper = int64_t(rank - margin), lower = int64_t(rank + margin) + 1;  // sample ranks
+    int64_t unused;
+    const uint32_t top = select::top_bin(hist, std::max<int64_t>(upper, 1), &unused);
+    const uint32_t bottom = lower > s ? 0u : select::top_bin(hist, lower, &unused);
+    *hi = upper < 1 ? (uint32_t(1) << kKeyBits) : (top + 1u) << shift;
+    *lo = bottom << shift;
+    int64_t sampled = 0;
+    for (uint32_t b = bottom; b < (*hi >> shift); ++b) sampled += hist[b];
+    *expected = sampled * (n / s);
+    return candidates_fit(*expected);
+  }
+
+  // Keeps every key >= lo and records the elements of [lo, hi) (offset in their fixed chunk, and
+  // key); if that band holds the k-th largest key, finds it exactly among the candidates and zeroes
+  // the ones below it, ties beyond k last. Returns false (out unfinished) when the band misses it.
+  // `expected` (candidates per chunk) only sizes the buffers.
+  bool write_band(uint32_t lo, uint32_t hi, int64_t expected) const {
     const int64_t chunks = select::num_chunks(n);
-    std::vector<std::vector<uint16_t>> cand(chunks);
+    std::vector<std::vector<uint16_t>> offs(chunks);
+    std::vector<std::vector<uint32_t>> keys(chunks);
+    std::vector<int64_t> above_chunk(chunks, 0);
 #pragma omp parallel for schedule(static) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
       const int64_t cbegin = c * kChunk, cend = std::min(n, cbegin + kChunk);
+      offs[c].reserve(size_t(expected));
+      keys[c].reserve(size_t(expected));
       alignas(8) uint8_t band[kBlock];
       for (int64_t begin = cbegin; begin < cend; begin += kBlock) {
         const int64_t len = std::min(kBlock, cend - begin);
-        if (keep_from(x + begin, out + begin, band, len, lo, hi) == 0) continue;
+        if (keep_from(x + begin, out + begin, band, len, lo, hi, &above_chunk[c]) == 0) continue;
         // Skip unflagged elements 8 at a time; flags are 0/1 bytes, so bit 8j marks element j.
         for (int64_t w = 0; w < len; w += 8) {
           uint64_t bits = 0;
           memcpy(&bits, band + w, size_t(std::min<int64_t>(8, len - w)));
-          for (; bits; bits &= bits - 1)
-            cand[c].push_back(uint16_t(begin - cbegin + w + (__builtin_ctzll(bits) >> 3)));
+          for (; bits; bits &= bits - 1) {
+            const int64_t i = begin + w + (__builtin_ctzll(bits) >> 3);
+            offs[c].push_back(uint16_t(i - cbegin));
+            keys[c].push_back(key(i));  // read now, while the block is in L1
+          }
         }
       }
     }
-    std::vector<int64_t> low_hist;
-    if (b.shift > 0) {
-      low_hist.assign(int64_t(1) << b.shift, 0);
-      for (int64_t c = 0; c < chunks; ++c)
-        for (uint16_t off : cand[c]) ++low_hist[key(c * kChunk + off) & (hi - lo - 1u)];
-    }
-    const select::Threshold t = select::threshold_in_bucket(b, low_hist, k);
-    int64_t equal_seen = 0;  // chunks and offsets ascend: lowest flat index first
+    int64_t above = 0, m = 0;
     for (int64_t c = 0; c < chunks; ++c) {
-      for (uint16_t off : cand[c]) {
-        const int64_t i = c * kChunk + off;
-        const uint32_t kk = key(i);
-        if (kk < t.key || (kk == t.key && equal_seen++ >= t.equal_kept)) out[i] = 0;
+      above += above_chunk[c];
+      m += int64_t(offs[c].size());
+    }
+    if (above >= k || above + m < k) return false;
+    std::vector<uint32_t> all;  // candidate keys in flat index order
+    all.reserve(size_t(m));
+    for (int64_t c = 0; c < chunks; ++c) all.insert(all.end(), keys[c].begin(), keys[c].end());
+    const select::Threshold t =
+        select::select_threshold<kKeyBits>(m, k - above, [&all](int64_t j) { return all[j]; });
+    int64_t equal_seen = 0;
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (size_t j = 0; j < offs[c].size(); ++j) {
+        const uint32_t kk = keys[c][j];
+        if (kk < t.key || (kk == t.key && equal_seen++ >= t.equal_kept)) out[c * kChunk + offs[c][j]] = 0;
       }
     }
+    return true;
   }
 
   // Applies a complete threshold; only the one chunk where the tie quota runs out goes element-wise.
@@ -143,7 +200,7 @@ struct MagnitudePrune {
           t.split() ? (c + 1 < chunks ? t.equal_before[c + 1] : t.equal_total) - t.equal_before[c] : 0;
       if (quota >= equal_here || quota == 0) {
         const uint32_t lo = quota == 0 ? t.key + 1u : t.key;
-        keep_from(x + begin, out + begin, nullptr, len, lo, lo);
+        keep_from(x + begin, out + begin, nullptr, len, lo, lo, nullptr);
         continue;
       }
       int64_t seen = 0;

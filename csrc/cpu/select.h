@@ -24,7 +24,8 @@
 // Passes over the keys: 1 (16-bit-key histogram) + 1 (second level on the boundary bucket, only when
 // kKeyBits > 16) + 1 (per-chunk count of keys equal to the threshold, only when t.split()).
 // Memory: one histogram per thread (at most 2^16 uint32) and one int64 per chunk when split.
-// The lower-level pieces, find_bucket() and refine(), let an op fuse its own passes (see prune.cpp).
+// The lower-level pieces (histogram, top_bin, find_bucket, threshold_in_bucket, refine, equal_before)
+// let an op fuse its own passes (see prune.cpp).
 #pragma once
 
 #include <omp.h>
@@ -63,7 +64,7 @@ struct Bucket {
   int64_t count = 0;   // elements in the boundary bin
 };
 
-namespace detail {
+// Building blocks (also used by prune.cpp's sampled fast path).
 
 // Adds a histogram of bin_of(key) over the elements with accept(key) into `total`, per-thread
 // uint32 counts over fixed chunks, flushed into int64 before they could overflow. Integer sums:
@@ -111,8 +112,6 @@ inline uint32_t top_bin(const std::vector<int64_t>& hist, int64_t need, int64_t*
   return 0;
 }
 
-}  // namespace detail
-
 // Pass 1. Requires 0 < k <= n.
 template <int kKeyBits, class KeyFn>
 Bucket find_bucket(int64_t n, int64_t k, KeyFn key_of) {
@@ -121,10 +120,10 @@ Bucket find_bucket(int64_t n, int64_t k, KeyFn key_of) {
   b.shift = kKeyBits > 16 ? kKeyBits - 16 : 0;
   const int shift = b.shift;
   std::vector<int64_t> hist;
-  detail::histogram(
+  histogram(
       n, key_of, [shift](uint32_t key, uint32_t* h) { ++h[key >> shift]; }, int64_t(1) << (kKeyBits - shift),
       hist);
-  b.bin = detail::top_bin(hist, k, &b.above);
+  b.bin = top_bin(hist, k, &b.above);
   b.count = hist[b.bin];
   return b;
 }
@@ -161,7 +160,7 @@ inline Threshold threshold_in_bucket(const Bucket& b, const std::vector<int64_t>
     t.equal_kept = need;
   } else {
     int64_t above_low = 0;
-    const uint32_t low = detail::top_bin(low_hist, need, &above_low);
+    const uint32_t low = top_bin(low_hist, need, &above_low);
     t.key = (b.bin << b.shift) | low;
     t.equal_total = low_hist[low];
     t.equal_kept = need - above_low;
@@ -176,7 +175,7 @@ Threshold refine(const Bucket& b, int64_t n, int64_t k, KeyFn key_of) {
   if (b.shift > 0) {
     const int shift = b.shift;
     const uint32_t bin = b.bin, mask = (uint32_t(1) << shift) - 1u;
-    detail::histogram(
+    histogram(
         n, key_of,
         [=](uint32_t key, uint32_t* h) {
           if ((key >> shift) == bin) ++h[key & mask];

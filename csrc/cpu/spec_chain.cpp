@@ -130,7 +130,7 @@ struct SequentialReducer {
 }  // namespace
 
 void spec_chain_verify(const spec::ChainArgs& args) {
-#pragma omp parallel for schedule(dynamic, 1)
+#pragma omp parallel for schedule(dynamic, 1) if (args.batch > 1)
   for (int64_t b = 0; b < args.batch; ++b) {
     SequentialReducer reducer{args};
     spec::verify_request(args, b, reducer, true);

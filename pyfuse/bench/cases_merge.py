@@ -72,8 +72,11 @@ def cases(device, quick):
             for method, knobs in METHODS.items():
                 providers, skipped = backend_providers(
                     device, lambda b, kn=knobs: lambda: merge_tensors(base, models, WEIGHTS, backend=b, **kn))
-                providers["reference"] = lambda kn=knobs: merge_tensors(base, models, WEIGHTS, backend="reference",
-                                                                        **kn)
+                if quick:
+                    providers["reference"] = lambda kn=knobs: merge_tensors(base, models, WEIGHTS,
+                                                                            backend="reference", **kn)
+                else:
+                    skipped["reference"] = "the torch reference (Philox in int64 ops, argsorts) is too slow here"
                 peers = []
                 for name, make in (("mergekit", _mergekit), ("peft", _peft)):
                     fn, why = make(method, base, models)

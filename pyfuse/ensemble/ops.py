@@ -335,78 +335,144 @@ def _next_token_cpu(a: _Args, from_union, greedy, seed, stream):
     return uid, mid, prob
 
 
-# ---- triton backend ----------------------------------------------------------------------------------
+# ---- GPU backends (triton, cuda): tiled kernels, cross-tile steps in torch --------------------------------
+#
+# Kernels: model statistics per (row, model); a union pass per (row, tile of union ids) that stores keys,
+# or reduces a tile to (max key, lowest id) or to a fixed-point score sum; a pick kernel that scans one tile
+# per row for the sampled id. Max, lowest-id and integer sums are exact, so the result never depends on the
+# tiling. Extra memory: O(B * U / tile).
 
-_TILE = 1024  # union ids per Triton program
-_VBLOCK = 1024  # model ids per step of a row loop
+MODE_WRITE, MODE_MAX, MODE_SUM = 0, 1, 2
 
 
-def _triton_setup(a: _Args):
-    """Pointer tables, per-model scalars and the model statistics (mx, 1/S) of every (row, model)."""
-    from ..kernels import ensemble as K
+class _TritonEngine:
+    tile = 1024  # union ids per program
+    vblock = 1024  # model ids per step of a row loop
 
-    dev = a.weights.device
+    def __init__(self, a: _Args):
+        from ..kernels import ensemble as kernels
+
+        self.k, self.a = kernels, a
+        dev = a.weights.device
+        table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=dev)  # noqa: E731
+        self.logit_ptrs, self.fwd_ptrs = table(a.logits), table(a.to_union)
+        self.off_ptrs, self.ids_ptrs = table(a.rev_offsets), table(a.rev_ids)
+        self.stride = torch.tensor([x.stride(0) for x in a.logits], dtype=torch.int64, device=dev)
+        self.vocab = torch.tensor([x.shape[1] for x in a.logits], dtype=torch.int64, device=dev)
+        self.inv_temp = torch.tensor(a.inv_temp, dtype=torch.float32, device=dev)
+        self.flags = dict(LOGPROB=a.logprob, RENORM=a.renormalize, enable_fp_fusion=False)
+
+    def _union(self, mx, inv_s):
+        a = self.a
+        return (self.logit_ptrs, a.logits[0], self.off_ptrs, self.ids_ptrs, self.stride, self.inv_temp, mx, inv_s,
+                a.present, a.weights, a.cpat)
+
+    def stats(self, mx, total):
+        B, M = self.a.weights.shape
+        self.k.model_stats_kernel[(B, M)](self.logit_ptrs, self.a.logits[0], self.fwd_ptrs, self.vocab, self.stride,
+                                          self.inv_temp, mx, total, M, BLOCK=self.vblock, enable_fp_fusion=False)
+
+    def union_pass(self, mode, mx, inv_s, kmax, out, tile_val, tile_idx):
+        B, M = self.a.weights.shape
+        n = tile_idx.shape[1] if tile_idx is not None else -(-self.a.union_size // self.tile)
+        self.k.union_pass_kernel[(B, n)](*self._union(mx, inv_s), kmax, out, tile_val, tile_idx, self.a.union_size,
+                                         M, n, MODE=mode, BLOCK=self.tile, **self.flags)
+
+    def pick(self, mx, inv_s, kmax, tile, base, target, chosen, score):
+        B, M = self.a.weights.shape
+        self.k.pick_kernel[(B,)](*self._union(mx, inv_s), kmax, tile, base, target, chosen, score,
+                                 self.a.union_size, M, BLOCK=self.tile, **self.flags)
+
+    def scores(self, out, kmax, tile_sum):
+        B, n = tile_sum.shape
+        self.k.scores_kernel[(B, n)](out, kmax, tile_sum, self.a.union_size, n, LOGPROB=self.a.logprob,
+                                     BLOCK=self.tile, enable_fp_fusion=False)
+
+    def scale(self, out, inv_z):
+        B, U = out.shape
+        self.k.scale_kernel[(B, -(-U // self.tile))](out, inv_z, U, BLOCK=self.tile, enable_fp_fusion=False)
+
+    def topk(self, k, probs, ids):
+        a = self.a
+        B, M = a.weights.shape
+        self.k.topk_kernel[(B,)](self.logit_ptrs, a.logits[0], self.fwd_ptrs, self.off_ptrs, self.ids_ptrs, self.vocab,
+                                 self.stride, self.inv_temp, a.present, a.weights, a.cpat, probs, ids, M, k,
+                                 BLOCK=self.vblock, C=max(16, 1 << (M * k - 1).bit_length()), **self.flags)
+
+
+class _CudaEngine:
+    def __init__(self, a: _Args):
+        if a.weights.shape[0] > 65535:
+            raise ValueError(f"the cuda backend takes at most 65535 rows, got {a.weights.shape[0]}")
+        self.ext = cuda_ext()
+        self.tile = self.ext.ensemble_tile
+        self.args = _native_args(self.ext, a)
+        self.stream = stream_of(a.weights)
+
+    def stats(self, mx, total):
+        self.ext.model_stats(self.args, mx.data_ptr(), total.data_ptr(), self.stream)
+
+    def union_pass(self, mode, mx, inv_s, kmax, out, tile_val, tile_idx):
+        ptr = lambda t: 0 if t is None else t.data_ptr()  # noqa: E731
+        self.ext.union_pass(self.args, mode, mx.data_ptr(), inv_s.data_ptr(), ptr(kmax), ptr(out), ptr(tile_val),
+                            ptr(tile_idx), self.stream)
+
+    def pick(self, *tensors):
+        self.ext.pick(self.args, *[t.data_ptr() for t in tensors], self.stream)
+
+    def scores(self, out, kmax, tile_sum):
+        self.ext.scores(self.args, out.data_ptr(), kmax.data_ptr(), tile_sum.data_ptr(), self.stream)
+
+    def scale(self, out, inv_z):
+        self.ext.scale(self.args, out.data_ptr(), inv_z.data_ptr(), self.stream)
+
+    def topk(self, k, probs, ids):
+        self.ext.union_topk(self.args, k, probs.data_ptr(), ids.data_ptr(), self.stream)
+
+
+_ENGINES = {"triton": _TritonEngine, "cuda": _CudaEngine}
+
+
+def _stats(eng, a: _Args):
     B, M = a.weights.shape
-    table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=dev)  # noqa: E731
-    c = dict(logit_ptrs=table(a.logits), elem_ptr=a.logits[0], off_ptrs=table(a.rev_offsets),
-             ids_ptrs=table(a.rev_ids),
-             stride=torch.tensor([x.stride(0) for x in a.logits], dtype=torch.int64, device=dev),
-             inv_temp=torch.tensor(a.inv_temp, dtype=torch.float32, device=dev))
-    vocab = torch.tensor([x.shape[1] for x in a.logits], dtype=torch.int64, device=dev)
-    mx = torch.empty(B, M, dtype=torch.float32, device=dev)
-    total = torch.empty(B, M, dtype=torch.int64, device=dev)
-    K.model_stats_kernel[(B, M)](c["logit_ptrs"], c["elem_ptr"], table(a.to_union), vocab, c["stride"],
-                                 c["inv_temp"], mx, total, M, BLOCK=_VBLOCK, enable_fp_fusion=False)
-    return K, c, mx, ref.unfix_recip(total)
+    mx = torch.empty(B, M, dtype=torch.float32, device=a.weights.device)
+    total = torch.empty(B, M, dtype=torch.int64, device=a.weights.device)
+    eng.stats(mx, total)
+    return mx, ref.unfix_recip(total)
 
 
-def _union_args(c, mx, inv_s, a: _Args):
-    return (c["logit_ptrs"], c["elem_ptr"], c["off_ptrs"], c["ids_ptrs"], c["stride"], c["inv_temp"], mx, inv_s,
-            a.present, a.weights, a.cpat)
-
-
-@register_kernel("union_probs", "triton")
-def _union_probs_triton(a: _Args):
-    K, c, mx, inv_s = _triton_setup(a)
-    B, M = a.weights.shape
-    U = a.union_size
-    tiles = triton_cdiv(U, _TILE)
+def _tiled_union_probs(backend: str, a: _Args):
+    eng = _ENGINES[backend](a)
+    mx, inv_s = _stats(eng, a)
+    B, U = a.weights.shape[0], a.union_size
     out = torch.empty(B, U, dtype=torch.float32, device=a.weights.device)
-    flags = dict(LOGPROB=a.logprob, RENORM=a.renormalize, BLOCK=_TILE, enable_fp_fusion=False)
-    K.union_pass_kernel[(B, tiles)](*_union_args(c, mx, inv_s, a), out, out, out, out, U, M, tiles,
-                                    MODE=K.MODE_WRITE, **flags)
-    if a.logprob or a.renormalize:
-        kmax = out.amax(dim=1) if a.logprob else out[:, 0]
-        tile_sum = torch.empty(B, tiles, dtype=torch.int64, device=out.device)
-        K.scores_kernel[(B, tiles)](out, kmax, tile_sum, U, tiles, LOGPROB=a.logprob, BLOCK=_TILE,
-                                    enable_fp_fusion=False)
-        K.scale_kernel[(B, tiles)](out, ref.unfix_recip(tile_sum.sum(dim=1)), U, BLOCK=_TILE,
-                                   enable_fp_fusion=False)
+    eng.union_pass(MODE_WRITE, mx, inv_s, mx, out, None, None)
+    if a.logprob or a.renormalize:  # mode "prob" + absent "zero" already sums to 1
+        kmax = out.amax(dim=1) if a.logprob else out[:, 0].contiguous()
+        tile_sum = torch.empty(B, -(-U // eng.tile), dtype=torch.int64, device=out.device)
+        eng.scores(out, kmax, tile_sum)
+        eng.scale(out, ref.unfix_recip(tile_sum.sum(dim=1)))
     return out
 
 
-@register_kernel("next_token", "triton")
-def _next_token_triton(a: _Args, from_union, greedy, seed, stream):
-    K, c, mx, inv_s = _triton_setup(a)
-    B, M = a.weights.shape
-    U = a.union_size
+def _tiled_next_token(backend: str, a: _Args, from_union, greedy, seed, stream):
+    eng = _ENGINES[backend](a)
+    mx, inv_s = _stats(eng, a)
+    B, U = a.weights.shape[0], a.union_size
     dev = a.weights.device
-    tiles = triton_cdiv(U, _TILE)
+    tiles = -(-U // eng.tile)
     normalize = a.logprob or a.renormalize
-    flags = dict(LOGPROB=a.logprob, RENORM=a.renormalize, BLOCK=_TILE, enable_fp_fusion=False)
-    args = _union_args(c, mx, inv_s, a)
     kmax = torch.zeros(B, dtype=torch.float32, device=dev)
     if greedy or a.logprob:
         tile_val = torch.empty(B, tiles, dtype=torch.float32, device=dev)
         tile_idx = torch.empty(B, tiles, dtype=torch.int64, device=dev)
-        K.union_pass_kernel[(B, tiles)](*args, kmax, kmax, tile_val, tile_idx, U, M, tiles, MODE=K.MODE_MAX,
-                                        **flags)
+        eng.union_pass(MODE_MAX, mx, inv_s, kmax, None, tile_val, tile_idx)
         kmax = tile_val.amax(dim=1)
         best = torch.where(tile_val == kmax[:, None], tile_idx, U).amin(dim=1)  # lowest id wins ties
     inv_z = torch.ones(B, dtype=torch.float32, device=dev)
     if normalize or not greedy:
         tile_sum = torch.empty(B, tiles, dtype=torch.int64, device=dev)
-        K.union_pass_kernel[(B, tiles)](*args, kmax, kmax, kmax, tile_sum, U, M, tiles, MODE=K.MODE_SUM, **flags)
+        eng.union_pass(MODE_SUM, mx, inv_s, kmax, None, None, tile_sum)
         total = tile_sum.sum(dim=1)
         if normalize:
             inv_z = ref.unfix_recip(total)
@@ -418,36 +484,26 @@ def _next_token_triton(a: _Args, from_union, greedy, seed, stream):
         target = ref.sample_target(total, seed, stream)
         cum = torch.cumsum(tile_sum, dim=1)
         tile = (cum <= target[:, None]).sum(dim=1).clamp(max=tiles - 1)
-        base = torch.gather(cum - tile_sum, 1, tile[:, None])[:, 0]
+        base = torch.gather(cum - tile_sum, 1, tile[:, None])[:, 0].contiguous()
         tile = torch.where(total > 0, tile, -1)
-        chosen = torch.full((B,), -1, dtype=torch.int64, device=dev)
+        uid = torch.full((B,), -1, dtype=torch.int64, device=dev)
         score = torch.zeros(B, dtype=torch.float32, device=dev)
-        K.pick_kernel[(B,)](*args, kmax, tile, base, target, chosen, score, U, M, **flags)
-        uid = chosen
+        eng.pick(mx, inv_s, kmax, tile, base, target, uid, score)
         prob = score * inv_z
     safe = uid.clamp(min=0)
     model_ids = torch.stack([torch.where(uid >= 0, f.to(torch.int64)[safe], -1) for f in from_union], dim=1)
     return uid, model_ids, prob
 
 
-@register_kernel("union_topk", "triton")
-def _union_topk_triton(a: _Args, k: int):
-    from ..kernels import ensemble as K
-
-    B, M = a.weights.shape
-    dev = a.weights.device
-    table = lambda ts: torch.tensor([t.data_ptr() for t in ts], dtype=torch.int64, device=dev)  # noqa: E731
-    probs = torch.empty(B, k, dtype=torch.float32, device=dev)
-    ids = torch.empty(B, k, dtype=torch.int64, device=dev)
-    K.topk_kernel[(B,)](
-        table(a.logits), a.logits[0], table(a.to_union), table(a.rev_offsets), table(a.rev_ids),
-        torch.tensor([x.shape[1] for x in a.logits], dtype=torch.int64, device=dev),
-        torch.tensor([x.stride(0) for x in a.logits], dtype=torch.int64, device=dev),
-        torch.tensor(a.inv_temp, dtype=torch.float32, device=dev), a.present, a.weights, a.cpat, probs, ids, M, k,
-        LOGPROB=a.logprob, RENORM=a.renormalize, BLOCK=_VBLOCK, C=max(16, 1 << (M * k - 1).bit_length()),
-        enable_fp_fusion=False)
+def _tiled_union_topk(backend: str, a: _Args, k: int):
+    B = a.weights.shape[0]
+    probs = torch.empty(B, k, dtype=torch.float32, device=a.weights.device)
+    ids = torch.empty(B, k, dtype=torch.int64, device=a.weights.device)
+    _ENGINES[backend](a).topk(k, probs, ids)
     return probs, ids
 
 
-def triton_cdiv(n: int, d: int) -> int:
-    return -(-n // d)
+for _name in _ENGINES:
+    register_kernel("union_probs", _name)(lambda a, _b=_name: _tiled_union_probs(_b, a))
+    register_kernel("next_token", _name)(lambda a, *rest, _b=_name: _tiled_next_token(_b, a, *rest))
+    register_kernel("union_topk", _name)(lambda a, k, _b=_name: _tiled_union_topk(_b, a, k))

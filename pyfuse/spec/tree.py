@@ -82,7 +82,7 @@ def verify_tree(candidates, retrive_next_token, retrive_next_sibling, target_pro
     device = V.check_same_device(candidates=candidates, retrive_next_token=retrive_next_token,
                                  retrive_next_sibling=retrive_next_sibling, target_probs=target_probs,
                                  draft_probs=draft_probs)
-    seed_int, seeds = SV.check_seed_arg(seed, batch, device)
+    seed_int, seeds = (0, None) if uniforms is not None else SV.check_seed_arg(seed, batch, device)
     if uniforms is not None:
         V.check_tensor("uniforms", uniforms, dtypes=(torch.float32,))
         if tuple(uniforms.shape) != (2, batch, n):

@@ -7,6 +7,11 @@
 #include "pyfuse/common.h"
 #include "pyfuse/philox.h"
 
+#if !defined(__CUDACC__)
+#include <stdexcept>
+#include <vector>
+#endif
+
 namespace pyfuse {
 namespace ensemble {
 
@@ -136,6 +141,56 @@ PYFUSE_HD int64_t sample_target(int64_t total, uint64_t seed, int64_t row, uint3
   return (total >> 31) * s + (((total & 0x7FFFFFFFLL) * s) >> 31);
 }
 
+
+#if !defined(__CUDACC__)
+// The argument block from the per-model pointer lists that pyfuse/ensemble/ops.py passes (both bindings).
+using Ptrs = std::vector<uintptr_t>;
+template <typename T>
+inline void fill_ptrs(T* dst, const std::vector<uintptr_t>& src) {
+  for (size_t i = 0; i < src.size(); ++i) dst[i] = reinterpret_cast<T>(src[i]);
+}
+
+// The argument block from the per-model pointer lists (pyfuse/ensemble/ops.py builds them).
+inline Args make_args(const Ptrs& logits, const std::vector<int64_t>& row_stride, const std::vector<int64_t>& vocab,
+               const Ptrs& to_union, const Ptrs& rev_offsets, const Ptrs& rev_ids, const Ptrs& first_ids,
+               const Ptrs& multi, const std::vector<int64_t>& num_multi, const std::vector<int64_t>& max_mult,
+               const Ptrs& from_union,
+               const std::vector<float>& inv_temp, uintptr_t present, uintptr_t weights, uintptr_t cpat,
+               int32_t dtype, int64_t batch, int64_t union_size, bool logprob, bool renormalize) {
+  const size_t M = logits.size();
+  if (M < 1 || M > static_cast<size_t>(pyfuse::ensemble::kMaxModels)) throw std::invalid_argument("1 to 8 models");
+  for (size_t n : {row_stride.size(), vocab.size(), to_union.size(), rev_offsets.size(), rev_ids.size(),
+                   first_ids.size(), multi.size(), num_multi.size(), max_mult.size(), inv_temp.size()}) {
+    if (n != M) throw std::invalid_argument("per-model lists must all have one entry per model");
+  }
+  Args a{};
+  a.num_models = static_cast<int32_t>(M);
+  a.dtype = dtype;
+  a.batch = batch;
+  a.union_size = union_size;
+  fill_ptrs(a.logits, logits);
+  fill_ptrs(a.to_union, to_union);
+  fill_ptrs(a.rev_offsets, rev_offsets);
+  fill_ptrs(a.rev_ids, rev_ids);
+  fill_ptrs(a.first_ids, first_ids);
+  fill_ptrs(a.multi, multi);
+  if (!from_union.empty()) fill_ptrs(a.from_union, from_union);
+  for (size_t m = 0; m < M; ++m) {
+    a.row_stride[m] = row_stride[m];
+    a.vocab[m] = vocab[m];
+    a.num_multi[m] = num_multi[m];
+    a.max_mult[m] = max_mult[m];
+    a.inv_temp[m] = inv_temp[m];
+  }
+  a.present = reinterpret_cast<const uint8_t*>(present);
+  a.weights = reinterpret_cast<const float*>(weights);
+  a.cpat = reinterpret_cast<const float*>(cpat);
+  a.logprob = logprob;
+  a.renormalize = renormalize;
+  return a;
+}
+#endif
+
 }  // namespace ensemble
 
 namespace cpu {
@@ -146,7 +201,16 @@ void union_topk(const ensemble::Args& a, int k, float* probs, int64_t* union_ids
 }  // namespace cpu
 
 namespace cuda {
-void union_probs(const ensemble::Args& a, float* out, int64_t* scratch, uintptr_t stream);
+// Launchers (device pointers in Args; stream as an integer handle). See pyfuse/ensemble/ops.py for the flow.
+constexpr int kTile = 256;  // union ids per block
+void model_stats(const ensemble::Args& a, float* mx, int64_t* total, uintptr_t stream);
+void union_pass(const ensemble::Args& a, int mode, const float* mx, const float* inv_s, const float* kmax, float* out,
+                float* tile_val, int64_t* tile_idx, uintptr_t stream);
+void pick(const ensemble::Args& a, const float* mx, const float* inv_s, const float* kmax, const int64_t* tile,
+          const int64_t* base, const int64_t* target, int64_t* chosen, float* score, uintptr_t stream);
+void scores(const ensemble::Args& a, float* out, const float* kmax, int64_t* tile_sum, uintptr_t stream);
+void scale(const ensemble::Args& a, float* out, const float* inv_z, uintptr_t stream);
+void union_topk(const ensemble::Args& a, int k, float* probs, int64_t* union_ids, uintptr_t stream);
 }  // namespace cuda
 
 }  // namespace pyfuse
