@@ -317,3 +317,28 @@ def topk_kernel(logit_ptrs, elem_ptr, fwd_ptrs, off_ptrs, ids_ptrs, vocab, strid
     out_p = tl.where(live, out_r * inv_z, 0.0)
     tl.store(probs + b * K + slot, out_p, mask=slot < K)
     tl.store(union_ids + b * K + slot, out_id, mask=slot < K)
+
+
+_UNION = {"logit_ptrs": "*i64", "elem_ptr": "*fp32", "off_ptrs": "*i64", "ids_ptrs": "*i64", "stride": "*i64",
+          "inv_temp": "*fp32", "mx": "*fp32", "inv_s": "*fp32", "present": "*u8", "weights": "*fp32",
+          "cpat": "*fp32", "kmax": "*fp32"}
+AOT_SPECS = [
+    (model_stats_kernel,
+     {"logit_ptrs": "*i64", "elem_ptr": "*bf16", "fwd_ptrs": "*i64", "vocab": "*i64", "stride": "*i64",
+      "inv_temp": "*fp32", "mx_out": "*fp32", "sum_out": "*i64", "M": "i32"}, {"BLOCK": 1024}),
+    *[(union_pass_kernel,
+       {**_UNION, "out": "*fp32", "tile_val": "*fp32", "tile_idx": "*i64", "U": "i64", "M": "i32", "n_tiles": "i32"},
+       {"MODE": mode, "LOGPROB": logprob, "RENORM": renorm, "BLOCK": 1024})
+      for mode in (0, 1, 2) for logprob, renorm in ((False, False), (True, True))],
+    (pick_kernel,
+     {**_UNION, "tile": "*i64", "base": "*i64", "target": "*i64", "chosen": "*i64", "score": "*fp32", "U": "i64",
+      "M": "i32"}, {"LOGPROB": True, "RENORM": False, "BLOCK": 1024}),
+    (scores_kernel, {"out": "*fp32", "kmax": "*fp32", "tile_sum": "*i64", "U": "i64", "n_tiles": "i32"},
+     {"LOGPROB": True, "BLOCK": 1024}),
+    (scale_kernel, {"out": "*fp32", "inv_z": "*fp32", "U": "i64"}, {"BLOCK": 1024}),
+    (topk_kernel,
+     {"logit_ptrs": "*i64", "elem_ptr": "*fp16", "fwd_ptrs": "*i64", "off_ptrs": "*i64", "ids_ptrs": "*i64",
+      "vocab": "*i64", "stride": "*i64", "inv_temp": "*fp32", "present": "*u8", "weights": "*fp32", "cpat": "*fp32",
+      "probs": "*fp32", "union_ids": "*i64", "M": "i32", "K": "i32"},
+     {"LOGPROB": True, "RENORM": True, "BLOCK": 1024, "C": 64}),
+]

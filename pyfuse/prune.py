@@ -43,7 +43,8 @@ def random_prune(
     purpose ``RANDOM_PRUNE_PURPOSE``) under key ``seed mod 2**64``, so the result is identical on every
     backend. The density is rounded to float32 once; division happens in fp32.
 
-    >>> pyfuse.random_prune(torch.ones(6), 0.5, seed=0)
+    >>> pyfuse.random_prune(torch.ones(8), 0.5, seed=0)
+    tensor([0., 0., 0., 2., 0., 0., 0., 0.])
     """
     V.check_float_tensor("x", x)
     density = V.check_fraction("density", density)

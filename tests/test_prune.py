@@ -86,6 +86,20 @@ def test_magnitude_ties_split_across_chunks(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+@pytest.mark.parametrize("density", [0.2, 0.9])
+def test_magnitude_unrepresentative_sample(backend, device, density):
+    """The CPU kernel guesses a key band from a sample: for n = 2**20, runs of 64 elements every 1024
+    elements. Here those runs hold large values and everything else is small, so the guess misses and
+    the exact fallback must take over. Other backends see one more ordinary input."""
+    n = 3000 if interpreted(backend, device) else 1 << 20
+    gen = torch.Generator().manual_seed(7)
+    x = torch.rand(n, generator=gen) * 1e-3
+    sampled = torch.arange(n) % 1024 < 64
+    x = torch.where(sampled, 1 + torch.rand(n, generator=gen), x).to(device)
+    assert_same_bits(pyfuse.magnitude_prune(x, density, backend=backend), ref.magnitude_prune(x, density))
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
 def test_magnitude_nan_is_largest(backend, device):
     x = torch.tensor([1.0, float("nan"), -2.0, 0.5, float("-inf"), float("nan"), 3.0], device=device)
     got = pyfuse.magnitude_prune(x, 3 / 7, backend=backend)  # k = 3: both NaN and -inf

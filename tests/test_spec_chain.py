@@ -137,6 +137,22 @@ def test_rejection_uniforms_bit_exact(backend, device, ragged, dtype, with_draft
     _same(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_draft", [True, False])
+def test_rejection_large_vocab_bit_exact_cpu(dtype, with_draft):
+    """V = 3001 spans several of the CPU kernel's 1024-wide vectorised chunks, with a ragged tail."""
+    g = _gen(13)
+    vocab, batch, k = 3001, 16, 4
+    target = _probs(batch * (k + 1), vocab, g, dtype, scale=1.0).view(batch, k + 1, vocab)
+    draft = _probs(batch * k, vocab, g, dtype, scale=1.0).view(batch, k, vocab)
+    ids = torch.randint(0, vocab, (batch, k), generator=g)
+    uniforms = torch.rand(2, batch, k + 1, generator=g)
+    uniforms[0] *= 0.02  # accept often, so that recovered and bonus rows at every position are sampled
+    args = (ids, target, draft if with_draft else None)
+    _same(rejection_sample(*args, uniforms=uniforms, backend="cpu"),
+          rejection_sample(*args, uniforms=uniforms, backend="reference"))
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
 @pytest.mark.parametrize("per_request", [False, True])
 def test_rejection_seeded_bit_exact(backend, device, per_request):
@@ -222,6 +238,7 @@ def test_boundaries(backend, device):
     assert res.num_accepted.item() == 0 and res.token_ids[0, 0].item() == 1  # inverse CDF of p at 0.75
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # NaN rows in the interpreter
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_unvalidated_garbage_stays_in_vocab(backend, device):
     """validate=False: NaN/inf rows, out-of-range ids, inconsistent cu and bad uniforms never produce an id
@@ -324,6 +341,9 @@ def test_bad_input_errors():
     _bad(lambda: rejection_sample(ids, unnorm, draft), ValueError, "sum to 1")
     _bad(lambda: rejection_sample(ids, target, draft * 0.5), ValueError, "draft_probs")
     _bad(lambda: rejection_sample(ids, neg, draft), ValueError, "non-negative")
+    # float16/bfloat16 rows take the torch path of the check (float32 CPU rows a fused C++ pass).
+    _bad(lambda: rejection_sample(ids, nan.bfloat16(), draft), ValueError, "target_probs.*sum to 1")
+    _bad(lambda: rejection_sample(ids, neg.half(), draft), ValueError, "non-negative")
     _bad(lambda: rejection_sample(big, target, draft), ValueError, r"draft_token_ids must be in \[0, V = 67\)")
     _bad(lambda: rejection_sample(ids.float(), target, draft), TypeError, "draft_token_ids")
     _bad(lambda: rejection_sample(ids, target[:, :K], draft), ValueError, "K\\+1")

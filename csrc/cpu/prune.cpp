@@ -11,6 +11,7 @@
 #include <math.h>
 #include <string.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "cpu/select.h"
@@ -68,7 +69,7 @@ template <class Bits, int kKeyBits>
 struct MagnitudePrune {
   static constexpr uint32_t kAbs = (uint32_t(1) << kKeyBits) - 1u;
   static constexpr int64_t kBlock = 4096;       // write-pass block: its candidate flags stay in L1
-  static constexpr int64_t kSampleMin = 1 << 20;  // below this a full histogram pass is cheap anyway
+  static constexpr int64_t kSampleMin = 1 << 18;  // below this a full histogram pass is cheap anyway
 
   const Bits* x;
   Bits* out;
@@ -112,14 +113,16 @@ struct MagnitudePrune {
     }
   }
 
-  // Estimates a narrow key band [lo, hi) around the k-th largest key from about n/64 keys (runs of
-  // 64 consecutive elements spread evenly: cache friendly, deterministic), with a 4-sigma binomial
-  // margin on the sampled rank. Costs 1/64 of the full histogram pass it replaces. False when the
-  // band would hold too many candidates (heavy ties).
+  // Estimates a narrow key band [lo, hi) around the k-th largest key from a sample of n/64 keys (at
+  // least 65536, for a band narrow enough on smaller inputs), taken as runs of 64 consecutive elements
+  // spread evenly (cache friendly, deterministic), with a 4-sigma binomial margin on the sampled rank.
+  // Costs 1/64 of the full histogram pass it replaces. False when the band would hold too many
+  // candidates (heavy ties).
   bool sample_band(uint32_t* lo, uint32_t* hi, int64_t* expected) const {
     constexpr int64_t kRun = 64;
     constexpr int shift = kKeyBits > 16 ? kKeyBits - 16 : 0;
-    const int64_t runs = n / (64 * kRun), stride = n / runs, s = runs * kRun;
+    const int64_t runs = std::max(n / 64, std::min<int64_t>(n / 4, 65536)) / kRun;
+    const int64_t stride = n / runs, s = runs * kRun;
     std::vector<int64_t> hist;
     select::histogram(
         s, [this, stride](int64_t i) { return key(i / kRun * stride + i % kRun); },
@@ -214,28 +217,29 @@ struct MagnitudePrune {
 };
 
 // u_i < d keeps element i; d is the float32 density (0 keeps nothing, 1 everything: u <= 1 - 2^-24).
-template <int32_t kDtype>
-PYFUSE_INLINE void random_prune_body(const void* x, void* out, int64_t begin, int64_t end, float d, bool rescale,
-                                     uint64_t seed, uint32_t purpose) {
-  for (int64_t i = begin; i < end; ++i) {
-    const float u = philox::uniform(seed, uint64_t(i), 0u, purpose);
-    const float v = load_float(x, kDtype, i);
-    const float r = rescale ? v / d : v;
-    store_float(out, kDtype, i, u < d ? r : 0.0f);
-  }
+// Two loops per block so that the Philox one vectorizes whatever the dtype (the half conversions
+// branch); without rescale, kept values are copied bit for bit.
+constexpr int64_t kRandomBlock = 1024;
+
+PYFUSE_CLONES void keep_flags(uint8_t* keep, int64_t begin, int64_t len, float d, uint64_t seed, uint32_t purpose) {
+  for (int64_t j = 0; j < len; ++j) keep[j] = philox::uniform(seed, uint64_t(begin + j), 0u, purpose) < d;
 }
 
-PYFUSE_CLONES void random_prune_f32(const void* x, void* out, int64_t b, int64_t e, float d, bool rs, uint64_t s,
-                                    uint32_t p) {
-  random_prune_body<kFloat32>(x, out, b, e, d, rs, s, p);
-}
-PYFUSE_CLONES void random_prune_f16(const void* x, void* out, int64_t b, int64_t e, float d, bool rs, uint64_t s,
-                                    uint32_t p) {
-  random_prune_body<kFloat16>(x, out, b, e, d, rs, s, p);
-}
-PYFUSE_CLONES void random_prune_bf16(const void* x, void* out, int64_t b, int64_t e, float d, bool rs, uint64_t s,
-                                     uint32_t p) {
-  random_prune_body<kBFloat16>(x, out, b, e, d, rs, s, p);
+template <int32_t kDtype>
+void random_prune_block(const void* x, void* out, int64_t begin, int64_t len, float d, bool rescale, uint64_t seed,
+                        uint32_t purpose) {
+  using Bits = std::conditional_t<kDtype == kFloat32, uint32_t, uint16_t>;
+  uint8_t keep[kRandomBlock];
+  keep_flags(keep, begin, len, d, seed, purpose);
+  const Bits* xb = static_cast<const Bits*>(x) + begin;
+  Bits* ob = static_cast<Bits*>(out) + begin;
+  if (!rescale) {
+    for (int64_t j = 0; j < len; ++j) ob[j] = xb[j] & (Bits(0) - Bits(keep[j]));
+    return;
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    store_float(out, kDtype, begin + j, keep[j] ? load_float(x, kDtype, begin + j) / d : 0.0f);
+  }
 }
 
 }  // namespace
@@ -252,11 +256,17 @@ void magnitude_prune(const void* x, void* out, int64_t n, int32_t dtype, int64_t
 // out[i] = (u_i < density) ? x[i] (/ density if rescale) : 0, u_i = Philox uniform (seed, i, 0, purpose).
 void random_prune(const void* x, void* out, int64_t n, int32_t dtype, float density, bool rescale, uint64_t seed,
                   uint32_t purpose) {
-  auto body = dtype == kFloat32 ? random_prune_f32 : dtype == kFloat16 ? random_prune_f16 : random_prune_bf16;
-  const int64_t chunks = select::num_chunks(n);
-#pragma omp parallel for schedule(static) if (chunks > 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    body(x, out, c * kChunk, std::min(n, (c + 1) * kChunk), density, rescale, seed, purpose);
+  const int64_t blocks = (n + kRandomBlock - 1) / kRandomBlock;
+#pragma omp parallel for schedule(static) if (blocks > 64)
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t begin = b * kRandomBlock, len = std::min(kRandomBlock, n - begin);
+    if (dtype == kFloat32) {
+      random_prune_block<kFloat32>(x, out, begin, len, density, rescale, seed, purpose);
+    } else if (dtype == kFloat16) {
+      random_prune_block<kFloat16>(x, out, begin, len, density, rescale, seed, purpose);
+    } else {
+      random_prune_block<kBFloat16>(x, out, begin, len, density, rescale, seed, purpose);
+    }
   }
 }
 

@@ -28,7 +28,6 @@
 // let an op fuse its own passes (see prune.cpp).
 #pragma once
 
-#include <omp.h>
 #include <stdint.h>
 
 #include <algorithm>
@@ -66,9 +65,9 @@ struct Bucket {
 
 // Building blocks (also used by prune.cpp's sampled fast path).
 
-// Adds a histogram of bin_of(key) over the elements with accept(key) into `total`, per-thread
-// uint32 counts over fixed chunks, flushed into int64 before they could overflow. Integer sums:
-// the result does not depend on the thread count.
+// total[b] = how many keys bin_of sends to bin b; bin_of(key, h) increments h[bin] (or skips the
+// key). Per-thread uint32 counts over fixed chunks, flushed into int64 before they could overflow.
+// Integer sums: the result does not depend on the thread count.
 template <class KeyFn, class BinFn>
 void histogram(int64_t n, KeyFn key_of, BinFn bin_of, int64_t bins, std::vector<int64_t>& total) {
   total.assign(bins, 0);

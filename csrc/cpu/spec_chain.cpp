@@ -137,5 +137,41 @@ void spec_chain_verify(const spec::ChainArgs& args) {
   }
 }
 
+// Validation of float32 probability rows in one parallel pass (torch needs a sum and a min pass):
+// out[0] = max over rows of |sum - 1| (+inf when a row sum is not finite, as NaN/inf entries make it),
+// out[1] = smallest entry. Row (o, i) starts at o * s_outer + i * s_inner, o < outer, i < inner.
+void spec_check_probs(const float* p, int64_t outer, int64_t inner, int64_t s_outer, int64_t s_inner,
+                      int64_t vocab, float* out) {
+  constexpr int kLanes = 16;  // independent partial sums / minima, so the row loop vectorises
+  float worst = 0.0f, lowest = INFINITY;
+#pragma omp parallel for schedule(static) reduction(max : worst) reduction(min : lowest)
+  for (int64_t r = 0; r < outer * inner; ++r) {
+    const float* row = p + (r / inner) * s_outer + (r % inner) * s_inner;
+    float sum[kLanes] = {}, mn[kLanes];
+    for (int l = 0; l < kLanes; ++l) mn[l] = INFINITY;
+    int64_t j = 0;
+    for (; j + kLanes <= vocab; j += kLanes) {
+      for (int l = 0; l < kLanes; ++l) {
+        sum[l] += row[j + l];
+        mn[l] = row[j + l] < mn[l] ? row[j + l] : mn[l];
+      }
+    }
+    for (; j < vocab; ++j) {
+      sum[0] += row[j];
+      mn[0] = row[j] < mn[0] ? row[j] : mn[0];
+    }
+    float total = 0.0f, row_min = INFINITY;
+    for (int l = 0; l < kLanes; ++l) {
+      total += sum[l];
+      row_min = mn[l] < row_min ? mn[l] : row_min;
+    }
+    const float dev = isfinite(total) ? fabsf(total - 1.0f) : INFINITY;  // NaN entries make total NaN
+    worst = dev > worst ? dev : worst;
+    lowest = row_min < lowest ? row_min : lowest;
+  }
+  out[0] = worst;
+  out[1] = lowest;
+}
+
 }  // namespace cpu
 }  // namespace pyfuse

@@ -13,9 +13,21 @@ namespace {
 constexpr int kLanes = 16;
 constexpr int64_t kBlock = 512;
 
+// load_float with the dtype known at compile time, so the loops below inline it and vectorise.
+template <int32_t DT>
+inline float load_as(const void* row, int64_t i) {
+  if constexpr (DT == kFloat32) {
+    return static_cast<const float*>(row)[i];
+  } else if constexpr (DT == kFloat16) {
+    return fp16_to_float(static_cast<const uint16_t*>(row)[i]);
+  } else {
+    return bf16_to_float(static_cast<const uint16_t*>(row)[i]);
+  }
+}
+
 template <int32_t DT>
 PYFUSE_CLONES void load_weights(const void* row, int64_t begin, int64_t n, int64_t* out) {
-  for (int64_t j = 0; j < n; ++j) out[j] = weight(load_float(row, DT, begin + j));
+  for (int64_t j = 0; j < n; ++j) out[j] = weight(load_as<DT>(row, begin + j));
 }
 
 void load_weights(const void* row, int32_t dtype, int64_t begin, int64_t n, int64_t* out) {
@@ -69,14 +81,14 @@ PYFUSE_CLONES int64_t argmax(const void* row, int64_t vocab) {
   int64_t x = 0;
   for (; x + kLanes <= vocab; x += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const float v = load_float(row, DT, x + l);
+      const float v = load_as<DT>(row, x + l);
       const bool take = v > best[l];
       best[l] = take ? v : best[l];
       at[l] = take ? x + l : at[l];
     }
   }
   for (int l = 0; x + l < vocab; ++l) {
-    const float v = load_float(row, DT, x + l);
+    const float v = load_as<DT>(row, x + l);
     if (v > best[l]) {
       best[l] = v;
       at[l] = x + l;

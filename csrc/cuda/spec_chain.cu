@@ -78,8 +78,8 @@ class BlockReducer {
     return broadcast(cub::BlockReduce<float, kThreads>(sh_.tmp.f).Sum(h));
   }
 
-  template <class Weight>
-  __device__ int64_t inverse_cdf(const Weight& weight, float u) {
+  __device__ int64_t inverse_cdf(const spec::ProbRow& p, const spec::ProbRow* q, int64_t x, float u) {
+    const auto weight = [&](int64_t j) { return spec::residual_weight(p, q, x, j); };
     int64_t local = 0;
     for (int64_t j = threadIdx.x; j < a_.vocab; j += kThreads) local += weight(j);
     const int64_t total = broadcast64(cub::BlockReduce<int64_t, kThreads>(sh_.tmp.i).Sum(local));

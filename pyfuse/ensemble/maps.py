@@ -11,7 +11,6 @@ through a reverse index, union id -> the model ids mapping to it, in ascending m
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import torch
 
@@ -119,27 +118,21 @@ def check_map(vmap) -> None:
                 raise ValueError(f"vmap.from_union[{m}] entries must be -1 or ids in [0, {maps[m].numel()})")
 
 
-# (id(vmap), device) -> (weakref to vmap, tables). The weakref guards against a recycled id().
-_CACHE: dict = {}
-
-
 def tables_for(vmap, device) -> EnsembleTables:
-    """The (cached) device tables of ``vmap``. Built and validated once per map and device; the map must
-    not be mutated afterwards."""
+    """The device tables of ``vmap``, built and validated once per map and device and cached on the map
+    (attribute ``_pyfuse_tables``; a plain attribute read, so compiled callers trace it). Do not mutate a
+    map's tensors after its first use."""
     device = torch.device(device)
-    key = (id(vmap), str(device))
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is vmap:
-        return hit[1]
+    cache = getattr(vmap, "_pyfuse_tables", None)
+    if cache is not None and device in cache:
+        return cache[device]
     check_map(vmap)
     tables = _tables(list(vmap.to_union), vmap.union_size, getattr(vmap, "from_union", None), device)
-    try:
-        ref = weakref.ref(vmap)
-    except TypeError:  # objects without weakref support are cached by id only while alive in the caller
-        ref = (lambda obj: (lambda: obj))(vmap)
-    _CACHE[key] = (ref, tables)
+    if cache is None:
+        cache = {}
+        object.__setattr__(vmap, "_pyfuse_tables", cache)
+    cache[device] = tables
     return tables
-
 
 def synthetic_map(vocab_sizes, *, overlap: float = 0.7, many_to_one: float = 0.02, padding: int = 64,
                   seed: int = 0) -> SimpleVocabMap:

@@ -103,7 +103,7 @@ def _check_temperature(temperature, M: int) -> list:
     for m, t in enumerate(values):
         if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t) or t <= 0:
             raise ValueError(f"temperature[{m}] must be a finite float > 0, got {t!r}")
-        inv.append(float(torch.tensor(1.0 / float(t), dtype=torch.float32)))  # rounded to fp32 once
+        inv.append(1.0 / float(t))  # every backend rounds it to fp32 once
     return inv
 
 

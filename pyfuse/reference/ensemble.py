@@ -90,7 +90,7 @@ def unfix_recip(total: torch.Tensor) -> torch.Tensor:
 def model_exps(x: torch.Tensor, to_union: torch.Tensor, inv_temp: float):
     """(e [B, V] with 0 at invalid ids, inv_s [B]) of one model."""
     valid = to_union >= 0
-    y = x.float() * inv_temp
+    y = x.float() * torch.tensor(inv_temp, dtype=torch.float32, device=x.device)
     y = torch.where(valid, y, torch.full_like(y, float("-inf")))
     mx = y.amax(dim=1, keepdim=True) if y.shape[1] else y.new_full((y.shape[0], 1), float("-inf"))
     e = torch.where(valid, exp_det(y - mx), torch.zeros_like(y))
@@ -222,7 +222,8 @@ def union_topk(logits, tables, weights, cpat, inv_temp, logprob, renormalize, k)
     P = []
     for m, x in enumerate(logits):
         valid = tables.to_union[m] >= 0
-        y = torch.where(valid, x.float() * inv_temp[m], torch.full_like(x, float("-inf"), dtype=torch.float32))
+        it = torch.tensor(inv_temp[m], dtype=torch.float32, device=x.device)
+        y = torch.where(valid, x.float() * it, torch.full_like(x, float("-inf"), dtype=torch.float32))
         e = torch.where(valid, exp_det(y - y.amax(dim=1, keepdim=True)), torch.zeros_like(y))
         E = gather_union(e, tables.rev_offsets[m], tables.rev_ids[m], cand)
         E = torch.where(dup, torch.zeros_like(E), E)

@@ -98,8 +98,7 @@ def verify_tree(candidates, retrive_next_token, retrive_next_sibling, target_pro
         seeds = torch.full((batch,), V.to_i64(seed_int), dtype=torch.int64, device=device)
     out = torch.ops.pyfuse.verify_tree(candidates.to(torch.int64), retrive_next_token.to(torch.int64),
                                        retrive_next_sibling.to(torch.int64), target_probs, draft_probs,
-                                       MODES.index(mode), int(max_depth), seeds, row_streams,
-                                       None if uniforms is None else uniforms, name)
+                                       MODES.index(mode), int(max_depth), seeds, row_streams, uniforms, name)
     return TreeOutput(*out)
 
 
@@ -122,8 +121,8 @@ def _check_values(candidates, next_token, next_sibling, target, draft, mode, voc
         parents = torch.zeros(batch, n + 1, dtype=torch.int64, device=links.device)
         parents.scatter_add_(1, torch.where(links > 0, links, n).clamp(max=n), torch.ones_like(links))
         checks.add(parents[:, :n].max(), lambda v: v <= 1,
-                   "the tree has a node reached by {:.0f} links (a cycle or a shared child): every node needs "
-                   "exactly one parent or predecessor")
+                   "the tree has a node reached by {:.0f} links (a cycle or a shared child): a node may be the "
+                   "first child or the next sibling of at most one node")
     if mode != "greedy":
         SV.probs_rows(checks, "target_probs", target)
     if draft is not None:

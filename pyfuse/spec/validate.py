@@ -13,6 +13,7 @@ import numbers
 
 import torch
 
+from .._ext import ext_status
 from .._validate import check_float_tensor, check_seed, check_tensor
 
 ID_DTYPES = (torch.int32, torch.int64)
@@ -27,19 +28,18 @@ class ValueChecks:
     def __init__(self):
         self._items = []
 
-    def add(self, value: torch.Tensor, ok, message: str):
-        """``ok(float) -> bool`` judges ``value`` (0-d tensor); ``message`` may contain ``{}`` for it."""
+    def add(self, value, ok, message: str):
+        """``ok(float) -> bool`` judges ``value`` (0-d tensor or number); ``message`` may contain ``{}``."""
         self._items.append((value, ok, message))
 
     def run(self):
-        if not self._items:
-            return
-        values = [v for v, _, _ in self._items]
-        if values[0].device.type == "cpu":
-            numbers_ = [v.item() for v in values]
+        tensors = [v for v, _, _ in self._items if isinstance(v, torch.Tensor)]
+        if tensors and tensors[0].device.type != "cpu":  # one device sync for all of them
+            fetched = iter(torch.stack([v.to(torch.float64) for v in tensors]).tolist())
         else:
-            numbers_ = torch.stack([v.to(torch.float64) for v in values]).tolist()
-        for number, (_, ok, message) in zip(numbers_, self._items):
+            fetched = iter([v.item() for v in tensors])
+        for value, ok, message in self._items:
+            number = next(fetched) if isinstance(value, torch.Tensor) else value
             if not ok(number):
                 raise ValueError(message.format(number))
 
@@ -158,10 +158,27 @@ def probs_rows(checks: ValueChecks, name: str, p: torch.Tensor):
     if p.numel() == 0:
         return
     atol = PROB_SUM_ATOL[p.dtype]
-    worst = (p.sum(dim=-1, dtype=torch.float32) - 1).abs().max()  # NaN / inf anywhere propagate here
+    fused = _cpu_probs_check(p)
+    if fused is not None:
+        worst, lowest = fused
+    else:
+        worst = (p.sum(dim=-1, dtype=torch.float32) - 1).abs().max()  # NaN / inf anywhere propagate here
+        lowest = p.amin()
     checks.add(worst, lambda v: v <= atol,
                f"{name}: every row must be finite and sum to 1 within {atol}; worst |sum - 1| = {{}}")
-    checks.add(p.amin(), lambda v: v >= 0, f"{name} must be non-negative; found {{}}")
+    checks.add(lowest, lambda v: v >= 0, f"{name} must be non-negative; found {{}}")
+
+
+def _cpu_probs_check(p: torch.Tensor):
+    """(max |row sum - 1|, min entry) of float32 CPU rows in one pass of the C++ helper, or None."""
+    if p.device.type != "cpu" or p.dtype != torch.float32 or p.dim() not in (2, 3) or p.stride(-1) != 1:
+        return None
+    ext, _ = ext_status("_C")
+    if ext is None:
+        return None
+    outer, inner = (1, p.shape[0]) if p.dim() == 2 else p.shape[:2]
+    s_outer, s_inner = (0, p.stride(0)) if p.dim() == 2 else p.stride()[:2]
+    return ext.spec_check_probs(p.data_ptr(), outer, inner, s_outer, s_inner, p.shape[-1])
 
 
 def logits_rows(checks: ValueChecks, name: str, logits: torch.Tensor):

@@ -1,0 +1,280 @@
+"""Union-vocabulary ops (union_probs, union_topk, next_token): the reference against an independent float64
+oracle, every backend bit-identical to the reference, sampling statistics, bad input, opcheck, compile."""
+import math
+
+import pytest
+import torch
+
+from pyfuse.ensemble import SimpleVocabMap, next_token, synthetic_map, union_probs, union_topk
+from pyfuse.ensemble.maps import build_reverse_index, tables_for
+from pyfuse.ensemble.ops import MAX_TOPK, _check_weights, _pattern_coefficients
+from pyfuse.reference import ensemble as ref
+from helpers import BACKEND_DEVICES, KERNEL_BACKEND_DEVICES
+
+MODES = [("prob", "zero"), ("prob", "renormalize"), ("logprob", "zero"), ("logprob", "renormalize")]
+
+
+def small_map(vocab_sizes, union_size, seed=0):
+    """Random map with ignored ids (-1), many-to-one ids and union ids some models lack."""
+    gen = torch.Generator().manual_seed(seed)
+    return SimpleVocabMap([torch.randint(-1, union_size, (v,), generator=gen, dtype=torch.int32)
+                           for v in vocab_sizes], union_size)
+
+
+def make_logits(vmap, batch, dtype, device, seed=0, scale=3.0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, t.numel(), generator=gen) * scale).to(dtype).to(device) for t in vmap.to_union]
+
+
+def oracle(logits, vmap, weights, temps, mode, absent):
+    """float64 union distribution, written from the definition with dense [V_m, U] matrices."""
+    U = vmap.union_size
+    w = weights.double() / weights.double().sum(-1, keepdim=True)
+    probs, present = [], []
+    for x, fwd, t in zip(logits, vmap.to_union, temps):
+        x = torch.where(fwd >= 0, x.double() / t, -math.inf)
+        onehot = torch.zeros(fwd.numel(), U, dtype=torch.float64)
+        rows = torch.nonzero(fwd >= 0).flatten()
+        onehot[rows, fwd[rows].long()] = 1.0
+        probs.append(torch.softmax(x, dim=1) @ onehot)
+        present.append(onehot.sum(0) > 0)
+    P, has = torch.stack(probs, -1), torch.stack(present, -1).double()
+    a = w[:, None, :].expand(P.shape).clone()
+    if absent == "renormalize":
+        a = a * has
+        a = a / a.sum(-1, keepdim=True).clamp(min=1e-300)
+    if mode == "prob":
+        s = (a * P).sum(-1)
+    else:
+        s = torch.where(a > 0, a * torch.log(P), 0.0).sum(-1).exp()
+        s = torch.where((a > 0).any(-1), s, 0.0)
+    return s / s.sum(-1, keepdim=True)
+
+
+def test_exp_log_det_accuracy():
+    z = -torch.linspace(0, 87, 200001)
+    assert ((ref.exp_det(z).double() - z.double().exp()) / z.double().exp()).abs().max() < 2e-7
+    assert torch.equal(ref.exp_det(torch.tensor([0.0, -88.0, -math.inf, math.nan])), torch.tensor([1.0, 0, 0, 0]))
+    x = torch.linspace(1e-30, 8, 200001)
+    assert (ref.log_det(x).double() - x.double().log()).abs().max() < 1e-6
+    assert ref.log_det(torch.tensor([0.0, 1e-39])).eq(-math.inf).all()
+
+
+def test_build_reverse_index():
+    off, ids = build_reverse_index(torch.tensor([2, -1, 0, 2, 2, 0], dtype=torch.int32), 4)
+    assert off.tolist() == [0, 2, 2, 5, 5] and ids.tolist() == [2, 5, 0, 3, 4]
+
+
+@pytest.mark.parametrize("mode,absent", MODES)
+def test_reference_matches_float64_oracle(mode, absent):
+    vmap = small_map((37, 64, 20), 50)
+    logits = make_logits(vmap, 5, torch.float32, "cpu")
+    weights = torch.rand(5, 3, generator=torch.Generator().manual_seed(1))
+    temps = [0.7, 1.0, 2.5]
+    got = union_probs(logits, vmap, weights, temperature=temps, mode=mode, absent=absent, backend="reference")
+    expected = oracle(logits, vmap, weights, temps, mode, absent)
+    torch.testing.assert_close(got.double(), expected, rtol=2e-5, atol=1e-7)
+    greedy = next_token(logits, vmap, weights, temperature=temps, mode=mode, absent=absent, backend="reference")
+    top = expected.max(dim=1).values
+    assert torch.all(expected.gather(1, greedy.union_ids[:, None])[:, 0] >= top * (1 - 1e-5))
+    torch.testing.assert_close(greedy.prob.double(), top, rtol=2e-5, atol=1e-7)
+
+
+def test_topk_reference_matches_unite_oracle():
+    vmap = small_map((40, 60), 45, seed=3)
+    logits = make_logits(vmap, 4, torch.float32, "cpu", seed=2)
+    k = 4
+    probs, ids = union_topk(logits, vmap, k, [0.3, 0.7], backend="reference")
+    for b in range(4):
+        cands = set()
+        for x, fwd in zip(logits, vmap.to_union):
+            valid = torch.nonzero(fwd >= 0).flatten()
+            top = valid[torch.topk(x[b, valid], k).indices]
+            cands |= set(fwd[top].tolist())
+        cands = sorted(cands)
+        full = [oracle([x[b:b + 1] for x in logits], vmap, torch.tensor([[1.0, 0.0]]), [1, 1], "prob", "zero"),
+                oracle([x[b:b + 1] for x in logits], vmap, torch.tensor([[0.0, 1.0]]), [1, 1], "prob", "zero")]
+        mix = sum(w * (p[0, cands] / p[0, cands].sum()) for w, p in zip((0.3, 0.7), full))
+        order = sorted(range(len(cands)), key=lambda i: (-mix[i].item(), cands[i]))[:k]
+        assert ids[b].tolist() == [cands[i] for i in order]
+        torch.testing.assert_close(probs[b].double(), mix[order] / mix.sum(), rtol=2e-5, atol=1e-7)
+
+
+def _all_ops(logits, vmap, weights, temps, mode, absent, backend, k):
+    kw = dict(temperature=temps, mode=mode, absent=absent, backend=backend)
+    return (union_probs(logits, vmap, weights, **kw), *next_token(logits, vmap, weights, **kw),
+            *next_token(logits, vmap, weights, greedy=False, seed=2**40 + 3, stream=7, **kw),
+            *union_topk(logits, vmap, k, weights, **kw))
+
+
+def assert_bit_identical(logits, vmap, weights, temps, mode, absent, backend, k):
+    device = logits[0].device
+    got = _all_ops(logits, vmap, weights, temps, mode, absent, backend, k)
+    expected = _all_ops([x.cpu() for x in logits], vmap, None if weights is None else weights.cpu(), temps, mode,
+                        absent, "reference", k)
+    names = ["union_probs", "greedy ids", "greedy model ids", "greedy prob", "sample ids", "sample model ids",
+             "sample prob", "topk probs", "topk ids"]
+    for name, g, e in zip(names, got, expected):
+        assert g.device.type == torch.device(device).type
+        assert torch.equal(g.cpu(), e), f"{name} differs from the reference"
+
+
+# Triton runs in the interpreter here: one small case per mode, dtypes rotated.
+CASES = [((37, 64), 50, 3, torch.float32), ((90,), 70, 2, torch.bfloat16),
+         ((20, 33, 41, 12), 60, 4, torch.float16), ((64, 50, 1), 40, 1, torch.float32)]
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+@pytest.mark.parametrize("case", range(4))
+def test_backends_bit_identical_small(backend, device, case):
+    vocab, U, B, dtype = CASES[case]
+    mode, absent = MODES[case]
+    vmap = small_map(vocab, U, seed=case)
+    vmap.to_union[-1][0] = 5  # a one-token model (case 3) still has a valid id
+    logits = make_logits(vmap, B, dtype, device, seed=case)
+    weights = torch.rand(B, len(vocab), generator=torch.Generator().manual_seed(case)).to(device)
+    if case == 3:
+        weights = None  # equal weights
+    temps = [0.5 + 0.25 * m for m in range(len(vocab))]
+    assert_bit_identical(logits, vmap, weights, temps, mode, absent, backend, min(3, *vocab))
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKEND_DEVICES if p.values[0] != "triton"])
+@pytest.mark.parametrize("mode,absent,dtype", [("prob", "zero", torch.float32),
+                                               ("logprob", "renormalize", torch.bfloat16)])
+def test_backends_bit_identical_wide(backend, device, mode, absent, dtype):
+    """Real vocabulary sizes (Qwen2 151936 + Llama-3 128256), 70% overlap, many-to-one ids."""
+    vmap = synthetic_map((151936, 128256), seed=1)
+    logits = make_logits(vmap, 2, dtype, device, seed=5)
+    weights = torch.tensor([0.4, 0.6], device=device)
+    assert_bit_identical(logits, vmap, weights, [1.0, 0.8], mode, absent, backend, 8)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKEND_DEVICES if p.values[0] != "triton"])
+@pytest.mark.parametrize("mode,absent", MODES)
+def test_backends_bit_identical_batch64(backend, device, mode, absent):
+    vmap = synthetic_map((300, 257, 411), overlap=0.5, many_to_one=0.1, padding=8, seed=2)
+    logits = make_logits(vmap, 64, torch.float32, device, seed=6)
+    weights = torch.rand(64, 3, generator=torch.Generator().manual_seed(6)).to(device)
+    assert_bit_identical(logits, vmap, weights, [1.0, 0.9, 1.3], mode, absent, backend, 5)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+def test_strided_and_single_row(backend, device):
+    vmap = small_map((30, 45), 40, seed=9)
+    wide = make_logits(SimpleVocabMap([torch.zeros(60, dtype=torch.int32)] * 2, 1), 3, torch.float32, device)
+    logits = [wide[0][:, :30], wide[1][:1, 5:50]]
+    logits[0] = logits[0][:1]
+    assert_bit_identical(logits, vmap, None, [1.0, 1.0], "prob", "zero", backend, 2)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_semantics_ties_absent_many_to_one(backend, device):
+    # model 0: ids 0,1 -> union 0 (many-to-one), id 2 -> 1, id 3 ignored; model 1: id 0 -> 1, id 1 -> 2.
+    vmap = SimpleVocabMap([torch.tensor([0, 0, 1, -1], dtype=torch.int32), torch.tensor([1, 2], dtype=torch.int32)],
+                          3, from_union=[torch.tensor([1, 2, -1], dtype=torch.int32),
+                                         torch.tensor([-1, 0, 1], dtype=torch.int32)])
+    logits = [torch.tensor([[0.0, 0.0, 0.0, 50.0]], device=device), torch.tensor([[0.0, 0.0]], device=device)]
+    p = union_probs(logits, vmap, backend=backend).cpu()
+    torch.testing.assert_close(p, torch.tensor([[1 / 3, 1 / 6 + 1 / 4, 1 / 4]]))  # id 3 ignored, 0+1 add up
+    renorm = union_probs(logits, vmap, absent="renormalize", backend=backend).cpu()
+    # each union id averages the models that have it: (2/3, 5/12, 1/2), then renormalised
+    torch.testing.assert_close(renorm, torch.tensor([[8 / 19, 5 / 19, 6 / 19]]))
+    out = next_token(logits, vmap, backend=backend)
+    assert out.union_ids.tolist() == [1] and out.model_ids.tolist() == [[2, 0]]
+    torch.testing.assert_close(out.prob.cpu(), torch.tensor([5 / 12]))
+    lone = next_token([logits[0] * 0, torch.tensor([[-90.0, 0.0]], device=device)], vmap, [0.2, 0.8],
+                      backend=backend)
+    assert lone.union_ids.tolist() == [2] and lone.model_ids.tolist() == [[-1, 1]]  # model 0 lacks union 2
+    tie = [torch.tensor([[0.0, -100.0, 0.0, 0.0]], device=device), torch.tensor([[-100.0, -100.0]], device=device)]
+    out = next_token(tie, vmap, [1.0, 0.0], backend=backend)
+    assert out.union_ids.tolist() == [0]  # union 0 and 1 tie: lowest union id
+    geo = next_token(logits, vmap, mode="logprob", backend=backend)  # only union 1 is in both models
+    assert geo.union_ids.tolist() == [1] and torch.allclose(geo.prob.cpu(), torch.tensor([1.0]))
+
+
+def test_sampling_chi_square():
+    """2000 rows draw independently (counter = row); frequencies vs union_probs. chi-square, 9 dof, threshold
+    27.88 (p = 0.001). A sampler that ignores model 1 must fail the same test."""
+    vmap = small_map((12, 9), 10, seed=4)
+    base = make_logits(vmap, 1, torch.float32, "cpu", seed=4, scale=1.0)
+    logits = [x.expand(2000, -1).contiguous() for x in base]
+    p = union_probs(base, vmap)[0].double()
+
+    def chi2(ids):
+        counts = torch.bincount(ids, minlength=10).double()
+        keep = p > 0
+        return (((counts - 2000 * p) ** 2 / (2000 * p))[keep]).sum().item() + counts[~keep].sum().item() * 1e9
+
+    good = next_token(logits, vmap, greedy=False, seed=11).union_ids
+    broken = next_token(logits, vmap, [1.0, 0.0], greedy=False, seed=11).union_ids
+    assert chi2(good) < 27.88
+    assert chi2(broken) >= 27.88
+    again = next_token(logits, vmap, greedy=False, seed=11, stream=1).union_ids
+    assert not torch.equal(good, again)  # streams give fresh draws
+
+
+def test_bad_input():
+    vmap = small_map((10, 12), 15)
+    good = make_logits(vmap, 2, torch.float32, "cpu")
+    cases = [
+        (ValueError, "columns", lambda: union_probs([good[0], good[1][:, :11]], vmap)),
+        (ValueError, "batch size", lambda: union_probs([good[0], good[1][:1]], vmap)),
+        (ValueError, "one tensor per model", lambda: union_probs(good[:1], vmap)),
+        (TypeError, "list or tuple", lambda: union_probs(good[0], vmap)),
+        (TypeError, "dtype", lambda: union_probs([good[0], good[1].half()], vmap)),
+        (ValueError, "shape", lambda: union_probs(good, vmap, torch.ones(3))),
+        (ValueError, "shape", lambda: union_probs(good, vmap, torch.ones(3, 2))),
+        (ValueError, ">= 0", lambda: union_probs(good, vmap, [1.0, -0.5])),
+        (ValueError, "finite", lambda: union_probs(good, vmap, torch.tensor([[1.0, math.nan], [1.0, 1.0]]))),
+        (ValueError, "positive sum", lambda: union_probs(good, vmap, [0.0, 0.0])),
+        (ValueError, "temperature", lambda: union_probs(good, vmap, temperature=0.0)),
+        (ValueError, "temperature", lambda: union_probs(good, vmap, temperature=[1.0])),
+        (ValueError, "mode", lambda: union_probs(good, vmap, mode="geo")),
+        (ValueError, "absent", lambda: union_probs(good, vmap, absent="skip")),
+        (ValueError, "k must be", lambda: union_topk(good, vmap, 0)),
+        (ValueError, "k must be", lambda: union_topk(good, vmap, MAX_TOPK + 1)),
+        (ValueError, "k must be", lambda: union_topk(good, small_map((10, 3), 15), 3)),
+        (ValueError, "seed", lambda: next_token(good, vmap, greedy=False)),
+        (ValueError, "stream", lambda: next_token(good, vmap, stream=-1)),
+        (ValueError, "union ids", lambda: union_probs(good, SimpleVocabMap([t + 20 for t in vmap.to_union], 15))),
+        (TypeError, "to_union", lambda: union_probs(good, object())),
+    ]
+    for err, words, call in cases:
+        with pytest.raises(err, match=words):
+            call()
+
+
+def test_empty_batch():
+    vmap = small_map((10, 12), 15)
+    logits = make_logits(vmap, 0, torch.float32, "cpu")
+    assert union_probs(logits, vmap).shape == (0, 15)
+    assert next_token(logits, vmap).model_ids.shape == (0, 2)
+    assert union_topk(logits, vmap, 2)[1].shape == (0, 2)
+
+
+def test_opcheck():
+    vmap = small_map((10, 12), 15)
+    logits = make_logits(vmap, 3, torch.float32, "cpu")
+    t = tables_for(vmap, "cpu")
+    w = _check_weights(None, 3, 2, "cpu")
+    common = (logits, t.to_union, t.rev_offsets, t.rev_ids, t.first_ids, t.multi, list(t.max_mult), t.present, w,
+              _pattern_coefficients(w, True), [1.0, 0.5], True, True)
+    torch.library.opcheck(torch.ops.pyfuse.union_probs.default, (*common, "cpu"))
+    torch.library.opcheck(torch.ops.pyfuse.union_topk.default, (*common, 2, "cpu"))
+    torch.library.opcheck(torch.ops.pyfuse.next_token.default, (*common, t.from_union, False, 5, 1, "cpu"))
+
+
+def test_torch_compile_fullgraph():
+    vmap = small_map((10, 12), 15)
+    logits = make_logits(vmap, 3, torch.float32, "cpu")
+    tables_for(vmap, "cpu")  # the map's tables are built eagerly (host work) before compiling
+
+    def f(x0, x1):
+        return (union_probs([x0, x1], vmap, [1.0, 2.0]) * 2, next_token([x0, x1], vmap, greedy=False, seed=3),
+                union_topk([x0, x1], vmap, 2, mode="logprob"))
+
+    got = torch.compile(f, fullgraph=True, backend="aot_eager")(*logits)
+    expected = f(*logits)
+    for g, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
+        assert torch.equal(g, e)
