@@ -48,7 +48,17 @@ class CMakeBuild(build_ext):
         subprocess.run(["cmake", "--build", ".", "--parallel", jobs], cwd=build_dir, check=True)
         if self._to_source:  # _C_cuda rides along with the declared pyfuse._C
             for lib in ext_dir.glob("_C*.so"):
-                shutil.copy2(lib, ROOT / "pyfuse" / lib.name)
+                _replace_atomically(lib, ROOT / "pyfuse" / lib.name)
+
+    def copy_extensions_to_source(self):
+        """Done atomically in build_extension instead: overwriting a loaded .so in place crashes the
+        processes that have it mapped (e.g. a test run during a rebuild)."""
+
+
+def _replace_atomically(src: Path, dst: Path):
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copy2(src, tmp)
+    os.replace(tmp, dst)
 
 
 setup(

@@ -212,8 +212,9 @@ def merge_task_vectors(out, base, models, p, sparsify, rescale, consensus, weigh
         mf[:, 1] = torch.where(guard, torch.ones_like(before), before / torch.where(guard, 1.0, after)).float()
     mf[:, 2] = mf[:, 0] * mf[:, 1]
     out_bf16 = out.dtype == torch.bfloat16
-    merge_fused_kernel[grid](out.view(torch.int16) if out_bf16 else out, models[0], base_arg, xoff, mf, mi, n, ncols, k, p["all_weight_divisor"], lam,
-                             seed_lo, seed_hi, p["purpose"], CONSENSUS=CONSENSUS.index(consensus), WEIGHTED=weighted,
+    merge_fused_kernel[grid](out.view(torch.int16) if out_bf16 else out, models[0], base_arg, xoff, mf, mi, n, ncols,
+                             k, p["all_weight_divisor"], lam, seed_lo, seed_hi, p["purpose"],
+                             CONSENSUS=CONSENSUS.index(consensus), WEIGHTED=weighted,
                              NORMALIZE=NORMALIZE.index(normalize), OUT_BF16=out_bf16, **common)
 
 

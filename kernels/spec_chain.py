@@ -230,14 +230,14 @@ def spec_chain(out_tokens, out_num, cu, ids, ids_strides, tgt, t_strides, drf, d
     )
 
 
-def _aot(mode, ragged, has_draft, logits, tdtype):
+def _aot(mode, ragged, has_draft, logits, tdtype, has_uniforms=False):
     sig = {"out_tokens": "*i32", "out_num": "*i32", "cu": "*i32", "ids": "*i64", "ids_sb": "i64", "ids_sk": "i64",
            "tgt": f"*{tdtype}", "t_sb": "i64", "t_sk": "i64", "drf": f"*{tdtype}", "d_sb": "i64", "d_sk": "i64",
            "uniforms": "*fp32", "u_plane": "i64", "u_sb": "i64", "u_sk": "i64", "seeds": "*i64", "seed_lo": "i64",
            "seed_hi": "i64", "V": "i64", "width": "i64", "num_draft": "i64", "temperature": "fp32", "eps": "fp32",
            "delta": "fp32"}
     constexprs = {"MODE": mode, "RAGGED": ragged, "HAS_DRAFT": has_draft, "TARGET_LOGITS": logits,
-                  "DRAFT_LOGITS": logits, "HAS_UNIFORMS": False, "HAS_SEEDS": ragged, "BLOCK": 1024}
+                  "DRAFT_LOGITS": logits, "HAS_UNIFORMS": has_uniforms, "HAS_SEEDS": ragged, "BLOCK": 1024}
     return spec_chain_kernel, sig, constexprs
 
 
@@ -247,5 +247,6 @@ AOT_SPECS = [
     _aot(1, False, True, False, "fp32"),
     _aot(1, True, True, True, "bf16"),
     _aot(1, True, False, False, "fp16"),
+    _aot(1, False, True, False, "fp32", has_uniforms=True),
     _aot(2, False, False, True, "bf16"),
 ]

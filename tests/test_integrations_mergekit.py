@@ -20,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from pyfuse.integrations import mergekit as pm  # noqa: E402
 from pyfuse.merge.presets import PRESETS  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 FLAGS = ["--quiet", "--no-copy-tokenizer", "--no-write-model-card"]
 

@@ -29,7 +29,7 @@ def test_patch_routes_assisted_sampling_through_pyfuse():
             out = target.generate(ids, assistant_model=draft, do_sample=True, max_new_tokens=10, pad_token_id=0)
         assert hf_utils._speculative_sampling is original
     assert spy.call_count >= 1
-    assert out.shape == (1, 14) and torch.equal(out[:, :4], ids)
+    assert 4 < out.shape[1] <= 14 and torch.equal(out[:, :4], ids)  # shorter only if EOS (id 2) was sampled
     assert ((out >= 0) & (out < 64)).all()
     pt.patch()
     pt.patch()  # idempotent: unpatch still restores the original

@@ -11,7 +11,7 @@ import torch
 import pyfuse
 from pyfuse.merge import models as merge_models_module
 from pyfuse.merge.presets import FUNCTIONS, PRESETS
-from tests.helpers import assert_close
+from helpers import assert_close
 
 BACKENDS = ["reference", "cpu"]  # the presets only map knobs; test_merge.py covers every backend
 DETERMINISTIC = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]

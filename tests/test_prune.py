@@ -1,6 +1,8 @@
 """magnitude_prune / random_prune: every backend against the reference, the reference against an
 independent numpy oracle, PEFT parity, opcheck, torch.compile, RNG identity and statistics, bad input."""
+import importlib.util
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -107,6 +109,25 @@ def test_magnitude_nan_is_largest(backend, device):
     assert torch.isnan(got[[1, 5]]).all() and got[4] == float("-inf") and (got[[0, 2, 3, 6]] == 0).all()
 
 
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKEND_DEVICES if "triton" in str(p.values)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_select_on_deltas(backend, device, dtype):
+    """kernels/select.py with a base (the merge's |x - base| keys, computed in fp32): threshold, tie
+    counts and per-block tie prefix against a direct computation."""
+    from pyfuse.kernels import select
+
+    n, k, block = 2500, 700, 256
+    gen = torch.Generator().manual_seed(8)
+    base = torch.randn(n, generator=gen).to(dtype)
+    x = (base.float() + tie_heavy(n, torch.float32, "cpu", gen)).to(dtype)  # many equal deltas
+    state, before = select.select_threshold(x.to(device), k, base.to(device), block=block)
+    keys = ((x.float() - base.float()).abs().view(torch.int32).to(torch.int64) & 0x7FFFFFFF)
+    t = int(torch.sort(keys, descending=True).values[k - 1])
+    assert state.cpu().tolist()[:3] == [t, k - int((keys > t).sum()), int((keys == t).sum())]
+    per_block = torch.nn.functional.pad(keys == t, (0, -n % block)).reshape(-1, block).sum(1)
+    assert torch.equal(before.cpu(), torch.cumsum(per_block, 0) - per_block)
+
+
 def numpy_magnitude_oracle(x: torch.Tensor, k: int) -> np.ndarray:
     """Independent statement of the rule: order by (-|x| key, index), keep the first k."""
     flat = x.reshape(-1).cpu()
@@ -134,9 +155,22 @@ def test_lowest_index_wins_ties():
     assert pyfuse.magnitude_prune(x, 0.4).tolist() == [1.0, -1.0, 0.0, 0.0, 0.0]
 
 
+def peft_merge_utils():
+    """PEFT's own peft/utils/merge_utils.py, loaded from its file: it needs only torch, while
+    `import peft` pulls in transformers (about 10 s of this file's test budget)."""
+    spec = importlib.util.find_spec("peft")
+    if spec is None:
+        pytest.skip("peft is not installed")
+    path = Path(spec.submodule_search_locations[0]) / "utils" / "merge_utils.py"
+    module_spec = importlib.util.spec_from_file_location("_peft_merge_utils", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_magnitude_equals_peft_on_tie_free_data(backend, device):
-    merge_utils = pytest.importorskip("peft.utils.merge_utils")
+    merge_utils = peft_merge_utils()
     gen = torch.Generator().manual_seed(5)
     n = 2400 if interpreted(backend, device) else 96 * 480
     # Distinct magnitudes by construction, random signs and order.

@@ -53,17 +53,21 @@ def test_greedy_equals_target_generate_batch1(models):
     assert 0 < int(out.accepted.sum()) < int(out.drafted.sum())
 
 
-def test_greedy_equals_target_generate_left_padded_batch(models):
+@pytest.mark.parametrize("tree", [None, [2, 2, 1]], ids=["chain", "tree"])
+def test_greedy_equals_target_generate_left_padded_batch(models, tree):
     target, draft = models
     ids = torch.tensor([[1, 5, 9, 3, 7, 11], [0, 0, 4, 8, 6, 13], [0, 0, 0, 0, 21, 22]])
     mask = (torch.arange(6) >= torch.tensor([[0], [2], [4]])).long()
     expected = target.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=14)
-    out = speculative_generate(target, draft, ids, attention_mask=mask, max_new_tokens=14, num_draft_tokens=4)
+    out = speculative_generate(target, draft, ids, attention_mask=mask, max_new_tokens=14, num_draft_tokens=4,
+                               tree=tree)
     assert torch.equal(out.sequences[:, : expected.shape[1]], expected)
     assert len(set(out.accepted.tolist())) > 1, "expected ragged acceptance across requests"
-    # The draft is the target: every draft token is accepted.
-    same = speculative_generate(target, target, ids, attention_mask=mask, max_new_tokens=10, num_draft_tokens=4)
-    assert torch.equal(same.accepted, same.drafted)
+    # The draft is the target: every round accepts a full chain / a full root-to-leaf path.
+    same = speculative_generate(target, target, ids, attention_mask=mask, max_new_tokens=10, num_draft_tokens=4,
+                                tree=tree)
+    depth = 4 if tree is None else len(tree)
+    assert (same.accepted == depth * same.steps).all()
     assert torch.equal(same.sequences, out.sequences[:, : same.sequences.shape[1]])
 
 
@@ -89,16 +93,18 @@ def test_sampling_is_seeded():
     assert ((a >= 0) & (a < VOCAB)).all()
 
 
-def test_first_token_follows_target_distribution():
+@pytest.mark.parametrize("tree", [None, [3, 1]], ids=["chain", "tree"])
+def test_first_token_follows_target_distribution(tree):
     """300 identical requests, temperature 0.7: the first generated token passes chi2 < df + 10 sqrt(2 df)
-    against the target's softmax(logits / 0.7). Broken variant: the same samples against T = 1.4 must fail."""
+    against the target's softmax(logits / 0.7) (chain: rejection_sample; tree: verify_tree stochastic with
+    i.i.d. sibling drafts). Broken variant: the same samples against T = 1.4 must fail."""
     target = tiny_llama(0)
     target.lm_head.weight.data.mul_(10)  # sharpen the tiny model's near-uniform next-token law
     draft = noisy_copy(target, 0.1, 2)
     prompt, samples, temperature = [1, 5, 9, 3], 300, 0.7
     ids = torch.tensor([prompt] * samples)
     out = speculative_generate(target, draft, ids, max_new_tokens=1, num_draft_tokens=2, temperature=temperature,
-                               seed=11, eos_token_id=[])
+                               seed=11, eos_token_id=[], tree=tree)
     counts = torch.bincount(out.sequences[:, len(prompt)], minlength=VOCAB).double()
     with torch.no_grad():
         logits = target(torch.tensor([prompt])).logits[0, -1].double()
@@ -119,6 +125,8 @@ def test_first_token_follows_target_distribution():
     ({"max_new_tokens": -1}, "max_new_tokens"),
     ({"temperature": -0.5}, "temperature"),
     ({"attention_mask": torch.ones(1, 3, dtype=torch.long)}, "attention_mask must have the shape"),
+    ({"tree": []}, "tree must be a non-empty"),
+    ({"tree": [2, 0]}, "tree entries"),
 ])
 def test_bad_arguments(models, kwargs, match):
     target, draft = models

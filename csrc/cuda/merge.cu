@@ -74,7 +74,8 @@ __global__ void __launch_bounds__(kThreads) fused_kernel(Config c, const void* c
       float total = 0.0f;
       for (int32_t m = 0; m < c.k; ++m) {
         const float mk = masked(c, x[m], models[m], m, i, b);
-        total = merge::add_rn(total, merge::election_term(merge::election_input(models[m], mk, c.weighted), c.consensus));
+        const float e = merge::election_input(models[m], mk, c.weighted);
+        total = merge::add_rn(total, merge::election_term(e, c.consensus));
       }
       flip = merge::flip_of(total);
     }
@@ -172,7 +173,8 @@ unsigned grid_for(int64_t n) {
 // Host vectors in; models arrive with weight, scale, p_keep, p_span, keep_all set; k_keep/k_drop give the
 // top-set sizes for magnitude/breadcrumbs.
 void merge_task_vectors(const Config& c, const std::vector<const void*>& x, std::vector<Model> models,
-                        const std::vector<int64_t>& k_keep, const std::vector<int64_t>& k_drop, uintptr_t stream_handle) {
+                        const std::vector<int64_t>& k_keep, const std::vector<int64_t>& k_drop,
+                        uintptr_t stream_handle) {
   cudaStream_t stream = as_stream(stream_handle);
   const int64_t k = c.k, l1_tiles = (c.n + kL1Tile - 1) / kL1Tile;
   const bool top = c.sparsify == merge::kMagnitude || c.sparsify == merge::kBreadcrumbs;
@@ -200,8 +202,9 @@ void merge_task_vectors(const Config& c, const std::vector<const void*>& x, std:
     const select::Workspace ws = select::workspace(ws_mem, c.n);
     for (int64_t m = 0; m < k; ++m) {
       if (models[m].keep_all) continue;
-      if (0 < k_keep[m] && k_keep[m] < c.n) top_set(c, x[m], k_keep[m], ws, &d_models[m].t_keep, &d_models[m].b_keep, stream);
-      if (0 < k_drop[m] && k_drop[m] < c.n) top_set(c, x[m], k_drop[m], ws, &d_models[m].t_drop, &d_models[m].b_drop, stream);
+      Model& dm = d_models[m];  // device memory: only its field addresses are taken here
+      if (0 < k_keep[m] && k_keep[m] < c.n) top_set(c, x[m], k_keep[m], ws, &dm.t_keep, &dm.b_keep, stream);
+      if (0 < k_drop[m] && k_drop[m] < c.n) top_set(c, x[m], k_drop[m], ws, &dm.t_drop, &dm.b_drop, stream);
     }
   }
   if (l1) {

@@ -14,8 +14,12 @@ Intended differences from mergekit (see ``pyfuse.merge.presets`` for the shared 
   seed each tensor draws its key from torch's global generator, as mergekit draws its masks.
 - Magnitude top-k and breadcrumbs ties at the threshold go to the lowest flat index (mergekit's unstable
   ``argsort`` leaves them unspecified).
-- Arithmetic is float32 whatever the compute dtype (mergekit rounds after every op in bf16/fp16, and rounds
-  the weights to the compute dtype); results differ by about one bf16/fp16 ulp on some elements.
+- Arithmetic is float32 whatever the compute dtype, rounded once at the end (mergekit rounds the deltas, the
+  weights and every intermediate to bf16/fp16), so in bf16 pyfuse is usually the closer to the float32
+  merge; where mergekit's rounded deltas move an element across the top-k threshold or flip its election,
+  single elements differ by more than rounding.
+- DELLA ranks are exact in float32 (mergekit holds them in bf16 for bf16 tensors: exact only up to 256).
+- ``int8_mask`` is accepted and has no effect (pyfuse materialises no mask).
 - float64 merges (``dtype: float64``) fall back to mergekit's own implementation.
 """
 from __future__ import annotations

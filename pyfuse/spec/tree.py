@@ -163,8 +163,9 @@ def philox_tree_uniforms(seeds: torch.Tensor, row_streams: bool, n: int) -> torc
     index = torch.arange(n, dtype=torch.int64, device=seeds.device).expand(batch, n)
     stream = (torch.arange(batch, dtype=torch.int64, device=seeds.device)[:, None] if row_streams
               else torch.zeros(batch, 1, dtype=torch.int64, device=seeds.device)).expand(batch, n)
-    draws = [uint_to_uniform_torch(philox_torch(index, torch.zeros_like(index), stream, torch.full_like(index, purpose), k0, k1)[0])
+    words = [philox_torch(index, torch.zeros_like(index), stream, torch.full_like(index, purpose), k0, k1)[0]
              for purpose in (PURPOSE_ACCEPT, PURPOSE_FINAL)]
+    draws = [uint_to_uniform_torch(w) for w in words]
     return torch.stack(draws)
 
 

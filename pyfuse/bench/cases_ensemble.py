@@ -1,0 +1,101 @@
+"""Benchmark cases for the union-vocabulary ops (``pyfuse.ensemble``).
+
+Peers (same logits, same map, mode "prob", absent "zero", equal weights, temperature 1):
+
+* ``torch.index_add``: per-model ``softmax`` over the valid ids, ``index_add_`` into a ``[B, U + 1]`` buffer
+  (ignored ids land in the extra column), the way GaC-style code is written without sparse tensors.
+* ``torch.sparse.mm``: GaC's formulation, each model's probabilities times a sparse ``[V_m, U]`` 0/1 mapping
+  matrix (``torch.sparse.mm(S_m^T, P_m^T)^T``), summed.
+* For ``next_token`` the same two followed by ``argmax``; for ``union_topk`` a plain-torch UniTE (per-model
+  ``topk``, candidate gather, renormalise, combine).
+
+Maps are synthetic (``pyfuse.ensemble.synthetic_map``): 70% of each later model's ids shared with the union,
+2% many-to-one, 64 padded ids per model.
+"""
+from __future__ import annotations
+
+import torch
+
+from pyfuse.bench.registry import BenchCase, backend_providers, register_cases
+from pyfuse.ensemble import next_token, synthetic_map, union_probs, union_topk
+from pyfuse.ensemble.maps import tables_for
+
+VOCABS = {"llama2+llama3": (32000, 128256), "qwen2+llama3": (151936, 128256),
+          "three": (151936, 128256, 32000)}
+TOPK = 10
+
+
+class _TorchPeers:
+    """Plain-torch ensemblers for one map on one device (index tensors and sparse matrices built once)."""
+
+    def __init__(self, vmap, device):
+        U = vmap.union_size
+        self.U, self.M = U, len(vmap.to_union)
+        self.valid = [(f >= 0).to(device) for f in vmap.to_union]
+        self.index = [torch.where(f >= 0, f, U).long().to(device) for f in vmap.to_union]
+        self.sparse = []
+        for f in vmap.to_union:
+            rows = torch.nonzero(f >= 0).flatten()
+            idx = torch.stack([f[rows].long(), rows])  # transposed: [U, V_m]
+            self.sparse.append(torch.sparse_coo_tensor(idx, torch.ones(rows.numel()), (U, f.numel()))
+                               .coalesce().to(device))
+
+    def probs(self, logits):
+        return [torch.softmax(x.float().masked_fill(~v, float("-inf")), dim=1) for x, v in zip(logits, self.valid)]
+
+    def index_add(self, logits):
+        out = torch.zeros(logits[0].shape[0], self.U + 1, device=logits[0].device)
+        for p, i in zip(self.probs(logits), self.index):
+            out.index_add_(1, i, p, alpha=1.0 / self.M)
+        return out[:, :self.U]
+
+    def sparse_mm(self, logits):
+        out = 0
+        for p, s in zip(self.probs(logits), self.sparse):
+            out = out + torch.sparse.mm(s, p.t()).t() / self.M
+        return out
+
+    def unite(self, logits, k):
+        """UniTE: candidates = union of per-model top-k union ids; each model's probability gathered and
+        renormalised over the candidates; mean; best k."""
+        probs = self.probs(logits)
+        cands = torch.cat([i.gather(0, torch.topk(p, k, dim=1).indices.flatten()).view(p.shape[0], k)
+                           for p, i in zip(probs, self.index)], dim=1)
+        mix = 0
+        for p, i in zip(probs, self.index):
+            dense = torch.zeros(p.shape[0], self.U + 1, device=p.device).index_add_(1, i, p)
+            g = dense.gather(1, cands)
+            mix = mix + g / g.sum(dim=1, keepdim=True) / self.M
+        best = torch.topk(mix, k, dim=1)
+        return best.values, cands.gather(1, best.indices)
+
+
+@register_cases("ensemble")
+def cases(device, quick):
+    shapes = [("llama2+llama3", 8)] if quick else [(v, b) for v in VOCABS for b in (1, 8, 64)]
+    for vocab, batch in shapes:
+        vmap = synthetic_map(VOCABS[vocab])
+        tables_for(vmap, device)
+        gen = torch.Generator().manual_seed(batch)
+        logits = [(torch.randn(batch, v, generator=gen) * 3).to(device) for v in VOCABS[vocab]]
+        peers = _TorchPeers(vmap, device)
+        read = sum(x.numel() * 4 for x in logits)
+        params = f"{vocab} V={'+'.join(map(str, VOCABS[vocab]))} U={vmap.union_size} B={batch} float32"
+        for op, make, torch_peers, floor in (
+            ("union_probs", lambda b: lambda: union_probs(logits, vmap, backend=b),
+             {"torch.index_add": lambda: peers.index_add(logits), "torch.sparse.mm": lambda: peers.sparse_mm(logits)},
+             read + batch * vmap.union_size * 4),
+            ("next_token", lambda b: lambda: next_token(logits, vmap, backend=b),
+             {"torch.index_add": lambda: peers.index_add(logits).argmax(dim=1),
+              "torch.sparse.mm": lambda: peers.sparse_mm(logits).argmax(dim=1)}, read),
+            ("union_topk", lambda b: lambda: union_topk(logits, vmap, TOPK, backend=b),
+             {"torch.unite": lambda: peers.unite(logits, TOPK)}, read),
+        ):
+            providers, skipped = backend_providers(device, make)
+            if batch == 1:
+                providers["reference"] = make("reference")
+            else:  # the plain-torch specification takes seconds per call at these sizes
+                skipped["reference"] = "timed at B=1 only"
+            providers.update(torch_peers)
+            yield BenchCase(family="ensemble", op=op, params=params + (f" k={TOPK}" if op == "union_topk" else ""),
+                            bytes_floor=floor, providers=providers, peers=tuple(torch_peers), skipped=skipped)
