@@ -3,7 +3,8 @@ verifying a chain of drafts with ``verify_greedy`` (temperature 0) or ``rejectio
 or a draft tree (``tree=``) with ``verify_tree`` (modes ``greedy`` / ``stochastic``).
 
 Trees are scored in one forward per level (draft) and one forward (target) with a 4D tree-attention mask: every
-node sees the cached prefix and its own ancestors, at position prefix + depth. Tree entries never stay in a
+node sees the cached prefix and its own ancestors, at position prefix + depth (an additive float mask, as the
+eager and sdpa attention implementations take it). Tree entries never stay in a
 cache: after each forward the cache is cropped back to the verified prefix.
 
 Batches: every request keeps its own pair of KV caches (``DynamicCache``, cropped after each verification to
@@ -29,9 +30,9 @@ _DRAFT_STREAM = 1  # pyfuse.rand stream of the draft-token draws (verification u
 
 
 class GenerateOutput(NamedTuple):
-    """sequences ``[B, P + max_new]``: prompt (as given) then generated tokens, ``pad_token_id`` after a
-    request's end; num_generated ``[B]``; drafted / accepted ``[B]`` draft tokens proposed / accepted over the
-    run (acceptance rate = accepted / drafted); steps: verification rounds."""
+    """sequences ``[B, P + G]`` (G = longest generation, <= max_new_tokens): prompt (as given), generated
+    tokens, ``pad_token_id`` after a request's end; num_generated ``[B]``; drafted / accepted ``[B]``: draft
+    tokens (tree nodes) proposed / accepted over the run; steps: verification rounds."""
 
     sequences: torch.Tensor
     num_generated: torch.Tensor
