@@ -149,12 +149,18 @@ def test_time_call_repetitions():
 
     # A call slower than twice the budget is timed once (after its warm-up), whatever min_reps says.
     t = measure.time_call(slow, "cpu", budget_s=0.01, min_reps=5)
-    assert t.reps == 1 and len(calls) == 2 and t.median_s >= 0.02
-    # Otherwise min_reps .. max_reps timed calls.
-    t = measure.time_call(lambda: None, "cpu", budget_s=float("inf"), max_reps=4)
-    assert t.reps == 4
+    assert t.reps == 1 and len(calls) == 2 and t.median_s >= 0.02 and t.peak_extra_bytes is None
+    # A slow call's memory is measured during that timed call: no extra call.
+    calls.clear()
+    t = measure.time_call(slow, "cpu", budget_s=0.01, min_reps=5, memory=True)
+    assert t.reps == 1 and len(calls) == 2
+    assert (t.peak_extra_bytes is not None) == (measure.cpu_peak_supported() == "")
+    # A fast call's memory costs one more call, outside the timed ones.
+    calls.clear()
+    t = measure.time_call(lambda: calls.append(1), "cpu", budget_s=float("inf"), max_reps=4, memory=True)
+    assert t.reps == 4 and len(calls) == 1 + 4 + 1
     t = measure.time_call(lambda: None, "cpu", budget_s=0.0, min_reps=3)
-    assert t.reps >= 1
+    assert t.reps == 1
 
 
 def test_backend_providers_list_every_backend():

@@ -341,7 +341,7 @@ def test_bad_input_errors():
     _bad(lambda: rejection_sample(ids, unnorm, draft), ValueError, "sum to 1")
     _bad(lambda: rejection_sample(ids, target, draft * 0.5), ValueError, "draft_probs")
     _bad(lambda: rejection_sample(ids, neg, draft), ValueError, "non-negative")
-    # float16/bfloat16 rows take the torch path of the check (float32 CPU rows a fused C++ pass).
+    # The same checks on float16/bfloat16 rows.
     _bad(lambda: rejection_sample(ids, nan.bfloat16(), draft), ValueError, "target_probs.*sum to 1")
     _bad(lambda: rejection_sample(ids, neg.half(), draft), ValueError, "non-negative")
     _bad(lambda: rejection_sample(big, target, draft), ValueError, r"draft_token_ids must be in \[0, V = 67\)")

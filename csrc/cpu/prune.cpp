@@ -35,7 +35,7 @@ template <class Bits, bool kBand>
 PYFUSE_INLINE int64_t keep_from_body(const Bits* x, Bits* out, uint8_t* band, int64_t len, uint32_t lo, uint32_t hi,
                                      int64_t* above) {
   constexpr uint32_t kAbs = sizeof(Bits) == 4 ? 0x7fffffffu : 0x7fffu;
-  int64_t in_band = 0, over = 0;
+  uint32_t in_band = 0, over = 0;  // 32-bit counts (blocks are short): no widening in the vector loop
   for (int64_t i = 0; i < len; ++i) {
     const uint32_t key = uint32_t(x[i]) & kAbs;
     const Bits keep = Bits(0) - Bits(key >= lo);

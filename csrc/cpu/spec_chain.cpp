@@ -137,56 +137,5 @@ void spec_chain_verify(const spec::ChainArgs& args) {
   }
 }
 
-namespace {
-
-// (sum, min) of one float32 row with 16 independent lanes, so that the loop vectorises (lane order is
-// fixed: deterministic). no-trapping-math lets GCC if-convert the min; it changes no value.
-__attribute__((target_clones("arch=skylake-avx512", "avx2", "default"), optimize("no-trapping-math")))
-void row_sum_min(const float* row, int64_t vocab, float* sum_out, float* min_out) {
-  constexpr int kLanes = 16;
-  float sum[kLanes] = {}, mn[kLanes];
-  for (int l = 0; l < kLanes; ++l) mn[l] = INFINITY;
-  int64_t j = 0;
-  for (; j + kLanes <= vocab; j += kLanes) {
-    for (int l = 0; l < kLanes; ++l) {
-      sum[l] += row[j + l];
-      mn[l] = row[j + l] < mn[l] ? row[j + l] : mn[l];
-    }
-  }
-  for (; j < vocab; ++j) {
-    sum[0] += row[j];
-    mn[0] = row[j] < mn[0] ? row[j] : mn[0];
-  }
-  float total = 0.0f, lowest = INFINITY;
-  for (int l = 0; l < kLanes; ++l) {
-    total += sum[l];
-    lowest = mn[l] < lowest ? mn[l] : lowest;
-  }
-  *sum_out = total;
-  *min_out = lowest;
-}
-
-}  // namespace
-
-// Validation of float32 probability rows in one pass (torch needs a sum and a min pass): out[0] = max over
-// rows of |sum - 1| (+inf when a row sum is not finite, as NaN/inf entries make it), out[1] = smallest
-// entry. Row (o, i) starts at o * s_outer + i * s_inner, o < outer, i < inner.
-void spec_check_probs(const float* p, int64_t outer, int64_t inner, int64_t s_outer, int64_t s_inner,
-                      int64_t vocab, float* out) {
-  float worst = 0.0f, lowest = INFINITY;
-  // Threads only pay off on large inputs (waking them costs more than checking a few rows).
-#pragma omp parallel for schedule(static) reduction(max : worst) reduction(min : lowest) \
-    if (outer * inner * vocab >= (int64_t{1} << 22))
-  for (int64_t r = 0; r < outer * inner; ++r) {
-    float total, row_min;
-    row_sum_min(p + (r / inner) * s_outer + (r % inner) * s_inner, vocab, &total, &row_min);
-    const float dev = isfinite(total) ? fabsf(total - 1.0f) : INFINITY;
-    worst = dev > worst ? dev : worst;
-    lowest = row_min < lowest ? row_min : lowest;
-  }
-  out[0] = worst;
-  out[1] = lowest;
-}
-
 }  // namespace cpu
 }  // namespace pyfuse

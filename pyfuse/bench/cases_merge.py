@@ -51,7 +51,7 @@ def _peft(method, base, models):
     weights = torch.tensor(WEIGHTS, device=base.device)
 
     def run():
-        deltas = torch.stack([m - base for m in models])
+        deltas = [m - base for m in models]
         if method == "task_arithmetic":
             return base + merge_utils.task_arithmetic(deltas, weights)
         if method == "ties":

@@ -24,11 +24,17 @@ MEMORY_METHOD_CUDA = (
 )
 
 
+# From this call time on, memory is measured during a timed call (reading /proc costs ~0.1 ms, < 1%)
+# instead of during one more call: slow peers are what makes a run long.
+SLOW_S = 0.01
+
+
 @dataclass(frozen=True)
 class Timing:
     median_s: float
     min_s: float
     reps: int
+    peak_extra_bytes: int | None = None  # None: not asked for, or not measurable here
 
 
 def _sync(device: torch.device) -> None:
@@ -36,34 +42,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], object], device, budget_s: float, min_reps: int = 5, max_reps: int = 1000) -> Timing:
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def time_call(fn: Callable[[], object], device, budget_s: float, min_reps: int = 5, max_reps: int = 1000,
+              memory: bool = False) -> Timing:
     """Warm up once, then time calls until `budget_s` is spent (at least `min_reps` unless slow), median.
 
     A call slower than the budget is still timed, but stops the loop at twice the budget, so slow peers
-    cost a few calls rather than `min_reps` of them.
+    cost a few calls rather than `min_reps` of them. `memory=True` also measures `peak_extra_bytes`.
     """
     device = torch.device(device)
+    t0 = time.perf_counter()
     fn()  # warm-up: lazy init, torch.compile, allocator and caches
     _sync(device)
-    times: list[float] = []
-    spent = 0.0
-    while len(times) < max_reps:
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            t = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            fn()
-            t = time.perf_counter() - t0
+    slow = time.perf_counter() - t0 >= SLOW_S
+    peak, times = None, []
+    if memory and slow:
+        peak, t = _peak_and_time(fn, device)
         times.append(t)
-        spent += t
-        if spent >= budget_s and (len(times) >= min_reps or spent >= 2 * budget_s):
+    spent = sum(times)
+    while len(times) < max_reps:
+        if times and spent >= budget_s and (len(times) >= min_reps or spent >= 2 * budget_s):
             break
-    return Timing(statistics.median(times), min(times), len(times))
+        times.append(_timed(fn, device))
+        spent += times[-1]
+    if memory and not slow:
+        peak, _ = _peak_and_time(fn, device)
+    return Timing(statistics.median(times), min(times), len(times), peak)
 
 
 def copy_bandwidth(device, nbytes: int = 256 << 20, reps: int = 7) -> dict:
@@ -122,21 +138,31 @@ def cpu_peak_supported() -> str:
 
 def peak_extra_bytes(fn: Callable[[], object], device) -> int | None:
     """Memory a call needs beyond its inputs and its output (see MEMORY_METHOD_*); None when unmeasurable."""
-    device = torch.device(device)
+    return _peak_and_time(fn, torch.device(device))[0]
+
+
+def _peak_and_time(fn: Callable[[], object], device: torch.device) -> tuple[int | None, float]:
+    """Peak extra bytes of one call (None when unmeasurable) and its wall time."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
         out = fn()
         torch.cuda.synchronize(device)
+        t = time.perf_counter() - t0
         extra = torch.cuda.max_memory_allocated(device) - torch.cuda.memory_allocated(device)
         del out
-        return max(extra, 0)
+        return max(extra, 0), t
     if cpu_peak_supported():
-        return None
+        t0 = time.perf_counter()
+        fn()
+        return None, time.perf_counter() - t0
     _pin_malloc_mmap_threshold()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
+    t0 = time.perf_counter()
     out = fn()
+    t = time.perf_counter() - t0
     extra = _proc_status_bytes("VmHWM") - _proc_status_bytes("VmRSS")
     del out
-    return max(extra, 0)
+    return max(extra, 0), t

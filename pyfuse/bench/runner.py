@@ -87,12 +87,10 @@ def _run_case(case: BenchCase, device, settings: dict, copy_gbps: float, report:
     for provider, reason in case.skipped.items():
         report.skipped.append(Skip(case.name, provider, reason))
     timings: dict[str, measure.Timing] = {}
-    memory: dict[str, int | None] = {}
     for provider, fn in case.providers.items():
         step(f"{case.name} {provider}")
         try:
-            timings[provider] = measure.time_call(fn, device, **settings)
-            memory[provider] = measure.peak_extra_bytes(fn, device)
+            timings[provider] = measure.time_call(fn, device, memory=True, **settings)
         except BackendError as e:  # op has no kernel for this backend
             report.skipped.append(Skip(case.name, provider, str(e)))
         except Exception as e:  # reported, so one broken provider does not hide the others
@@ -104,7 +102,7 @@ def _run_case(case: BenchCase, device, settings: dict, copy_gbps: float, report:
             speedup = {p: timings[p].median_s / t.median_s for p in case.peers if p in timings}
         report.results.append(
             Result(case.name, case.family, case.op, case.params, provider, t.median_s, t.min_s, t.reps, gbps,
-                   100.0 * gbps / copy_gbps, memory[provider], speedup)
+                   100.0 * gbps / copy_gbps, t.peak_extra_bytes, speedup)
         )
 
 

@@ -13,7 +13,6 @@ import numbers
 
 import torch
 
-from .._ext import ext_status
 from .._validate import check_float_tensor, check_seed, check_tensor
 
 ID_DTYPES = (torch.int32, torch.int64)
@@ -158,27 +157,10 @@ def probs_rows(checks: ValueChecks, name: str, p: torch.Tensor):
     if p.numel() == 0:
         return
     atol = PROB_SUM_ATOL[p.dtype]
-    fused = _cpu_probs_check(p)
-    if fused is not None:
-        worst, lowest = fused
-    else:
-        worst = (p.sum(dim=-1, dtype=torch.float32) - 1).abs().max()  # NaN / inf anywhere propagate here
-        lowest = p.amin()
+    worst = (p.sum(dim=-1, dtype=torch.float32) - 1).abs().max()  # NaN / inf anywhere propagate here
     checks.add(worst, lambda v: v <= atol,
                f"{name}: every row must be finite and sum to 1 within {atol}; worst |sum - 1| = {{}}")
-    checks.add(lowest, lambda v: v >= 0, f"{name} must be non-negative; found {{}}")
-
-
-def _cpu_probs_check(p: torch.Tensor):
-    """(max |row sum - 1|, min entry) of float32 CPU rows in one pass of the C++ helper, or None."""
-    if p.device.type != "cpu" or p.dtype != torch.float32 or p.dim() not in (2, 3) or p.stride(-1) != 1:
-        return None
-    ext, _ = ext_status("_C")
-    if ext is None:
-        return None
-    outer, inner = (1, p.shape[0]) if p.dim() == 2 else p.shape[:2]
-    s_outer, s_inner = (0, p.stride(0)) if p.dim() == 2 else p.stride()[:2]
-    return ext.spec_check_probs(p.data_ptr(), outer, inner, s_outer, s_inner, p.shape[-1])
+    checks.add(p.amin(), lambda v: v >= 0, f"{name} must be non-negative; found {{}}")
 
 
 def logits_rows(checks: ValueChecks, name: str, logits: torch.Tensor):

@@ -266,8 +266,6 @@ PYFUSE_HD void verify_request(const ChainArgs& a, int64_t b, R& reducer, bool wr
 
 namespace cpu {
 void spec_chain_verify(const spec::ChainArgs& args);
-void spec_check_probs(const float* p, int64_t outer, int64_t inner, int64_t s_outer, int64_t s_inner,
-                      int64_t vocab, float* out);
 }
 namespace cuda {
 void spec_chain_verify(const spec::ChainArgs& args, uintptr_t stream);
