@@ -83,7 +83,8 @@ def _progress():
     if Progress is None or not sys.stderr.isatty():
         yield lambda text: print(f"[pyfuse bench] {text}", file=sys.stderr, flush=True)
         return
-    columns = (SpinnerColumn(), TimeElapsedColumn(), TextColumn("step {task.completed}"), TextColumn("{task.description}"))
+    columns = (SpinnerColumn(), TimeElapsedColumn(), TextColumn("step {task.completed}"),
+               TextColumn("{task.description}"))
     with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task("starting", total=None)
 

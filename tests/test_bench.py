@@ -181,9 +181,11 @@ def test_cli_bench(fake_family, tmp_path, capsys):
     assert json.loads(path.read_text())["results"]
 
 
-def test_cli_bench_unknown_family(fake_family, capsys):
+def test_cli_bench_bad_arguments(fake_family, capsys):
     assert cli.main(["bench", "--family", "nope"]) == 2
     assert "unknown family 'nope'; known: failing, fake" in capsys.readouterr().err
+    assert cli.main(["bench", "--device", "nodevice"]) == 2
+    assert "bad --device 'nodevice'" in capsys.readouterr().err
 
 
 def test_cli_plot(fake_family, tmp_path, monkeypatch, capsys):

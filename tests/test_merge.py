@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -275,3 +278,27 @@ def test_torch_compile(backend, device):
 
     compiled = torch.compile(ties, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(base, *models), ties(base, *models))
+
+
+DETERMINISM_SCRIPT = """
+import sys, torch
+from pyfuse.merge import merge_tensors
+g = torch.Generator().manual_seed(3)
+base = torch.randn(64, 1000, generator=g)
+models = [base + torch.randn(64, 1000, generator=g) for _ in range(3)]
+outs = [merge_tensors(base, models, sparsify=s, density=0.3, rescale="l1", consensus="sum", seed=9, backend="cpu")
+        for s in ("random", "della", "magnitude")]
+torch.save(outs, sys.argv[1])
+"""
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKEND_DEVICES if p.values[0] == "cpu"])
+def test_cpu_result_independent_of_thread_count(backend, device, tmp_path):
+    runs = []
+    for threads in ("1", "2"):
+        path = tmp_path / f"out{threads}.pt"
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT, str(path)], env=env, check=True, timeout=300)
+        runs.append(torch.load(path))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
