@@ -44,18 +44,19 @@ PYFUSE_INLINE float model_exps_t(const void* x, const int32_t* fwd, int64_t V, f
     lane_at[j] = -1;
   }
   int64_t v = 0;
+  // The max of x: a positive inv_t keeps the order, and fl(max x * inv_t) is the max of the y.
   for (; v + kLanes <= V; v += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      const float y = ensemble::select(fwd[v + j] >= 0, load_float(x, DT, v + j) * inv_t, kNegInf);
+      const float y = ensemble::select(fwd[v + j] >= 0, load_float(x, DT, v + j), kNegInf);
       const bool more = y > lane[j];
       lane[j] = more ? y : lane[j];
-      lane_at[j] = more ? static_cast<int32_t>(v + j) : lane_at[j];
+      if (!STORE) lane_at[j] = more ? static_cast<int32_t>(v + j) : lane_at[j];  // only the greedy path needs it
     }
   }
   float mx = kNegInf;
   int64_t at = -1;
   for (; v < V; ++v) {
-    const float y = ensemble::select(fwd[v] >= 0, load_float(x, DT, v) * inv_t, kNegInf);
+    const float y = ensemble::select(fwd[v] >= 0, load_float(x, DT, v), kNegInf);
     at = y > mx ? v : at;
     mx = y > mx ? y : mx;
   }
@@ -63,6 +64,7 @@ PYFUSE_INLINE float model_exps_t(const void* x, const int32_t* fwd, int64_t V, f
     at = lane[j] > mx ? lane_at[j] : at;
     mx = lane[j] > mx ? lane[j] : mx;
   }
+  mx = mx * inv_t;
   *top = at;
   *mx_out = mx;
   int64_t s = 0;
@@ -110,10 +112,16 @@ __attribute__((target("avx512f"))) void gather_first_avx512(const int32_t* first
   gather_first_scalar(first + i, e, n - i, E + i);
 }
 
-const bool kHaveAvx512 = __builtin_cpu_supports("avx512f");
+bool have_avx512() {
+  static const bool yes = [] {
+    __builtin_cpu_init();  // may run before libgcc's own initialiser
+    return __builtin_cpu_supports("avx512f") != 0;
+  }();
+  return yes;
+}
 
 void gather_first(const int32_t* first, const float* e, int64_t n, float* E) {
-  if (kHaveAvx512) {
+  if (have_avx512()) {
     gather_first_avx512(first, e, n, E);
   } else {
     gather_first_scalar(first, e, n, E);
