@@ -246,12 +246,13 @@ def test_bad_input():
             call()
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_empty_batch(backend, device):
     vmap = small_map((10, 12), 15)
-    logits = make_logits(vmap, 0, torch.float32, "cpu")
-    assert union_probs(logits, vmap).shape == (0, 15)
-    assert next_token(logits, vmap).model_ids.shape == (0, 2)
-    assert union_topk(logits, vmap, 2)[1].shape == (0, 2)
+    logits = make_logits(vmap, 0, torch.float32, device)
+    assert union_probs(logits, vmap, backend=backend).shape == (0, 15)
+    assert next_token(logits, vmap, backend=backend).model_ids.shape == (0, 2)
+    assert union_topk(logits, vmap, 2, backend=backend)[1].shape == (0, 2)
 
 
 def test_opcheck():

@@ -3,13 +3,6 @@
 
 #include "registry.h"
 
-namespace pyfuse {
-std::vector<Binder>& binders() {
-  static std::vector<Binder> list;
-  return list;
-}
-}  // namespace pyfuse
-
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyfuse CPU kernels (C++17, OpenMP; raw pointers, no libtorch)";
   m.def("omp_max_threads", []() { return omp_get_max_threads(); });

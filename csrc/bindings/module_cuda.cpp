@@ -3,13 +3,6 @@
 
 #include "registry.h"
 
-namespace pyfuse {
-std::vector<Binder>& binders() {
-  static std::vector<Binder> list;
-  return list;
-}
-}  // namespace pyfuse
-
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "pyfuse CUDA kernels (raw pointers + stream, no libtorch)";
   m.def("device_count", []() {

@@ -188,11 +188,14 @@ void row_keys(const Args& a, int64_t b, const RowModels& r, float* key) {
   const float* w = a.weights + b * M;
   const float* cpat = a.cpat + b * (int64_t{1} << M);
   const uint8_t mask = static_cast<uint8_t>((1u << M) - 1u);
-  float E[kTile], acc[kTile];
+  float E[kTile], tile_acc[kTile];
   uint8_t used[kTile];
+  // Mode "prob" + absent "zero": the key is the sum itself, accumulated in place.
+  const bool direct = !a.logprob && !a.renormalize;
   for (int64_t u0 = 0; u0 < U; u0 += kTile) {
     const int64_t n = std::min(kTile, U - u0);
     const uint8_t* present = a.present + u0;
+    float* acc = direct ? key + u0 : tile_acc;
     std::fill(acc, acc + n, 0.0f);
     std::fill(used, used + n, uint8_t{0});
     for (int m = 0; m < M; ++m) {
@@ -214,7 +217,7 @@ void row_keys(const Args& a, int64_t b, const RowModels& r, float* key) {
       for (int64_t i = 0; i < n; ++i) {
         key[u0 + i] = ensemble::combine_finish(acc[i], used[i] != 0, cpat[present[i] & mask], a.logprob);
       }
-    } else {  // c(u) == 1: the same values, vectorised
+    } else if (!direct) {  // c(u) == 1: the same values, vectorised
       finish_unit(acc, used, n, a.logprob, key + u0);
     }
   }

@@ -15,6 +15,7 @@ using ensemble::fix;
 
 constexpr int kThreads = kTile;  // one union id per thread in the tiled kernels
 constexpr int64_t kInt64Min = -9223372036854775807LL - 1;
+static_assert(ensemble::kMaxModels * ensemble::kMaxTopk <= kThreads, "topk_kernel: one candidate per thread");
 
 __device__ __forceinline__ float neg_inf() { return bits_float(0xFF800000u); }
 

@@ -126,8 +126,9 @@ def _prepare(logits, vmap, weights, temperature, mode, absent, backend):
     cpat = _pattern_coefficients(w, absent == "renormalize")
     inv_temp = _check_temperature(temperature, M)
     name = resolve_backend(device, backend)
-    return (logits, tables.to_union, tables.rev_offsets, tables.rev_ids, tables.first_ids, tables.multi,
-            list(tables.max_mult), tables.present, w, cpat, inv_temp, mode == "logprob", absent == "renormalize"), tables, name
+    args = (logits, tables.to_union, tables.rev_offsets, tables.rev_ids, tables.first_ids, tables.multi,
+            list(tables.max_mult), tables.present, w, cpat, inv_temp, mode == "logprob", absent == "renormalize")
+    return args, tables, name
 
 
 # ---- public functions --------------------------------------------------------------------------------
@@ -203,10 +204,13 @@ def next_token(logits, vmap, weights=None, *, greedy: bool = True, seed: int | N
 @torch.library.custom_op("pyfuse::union_probs", mutates_args=())
 def _union_probs_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev_offsets: list[torch.Tensor],
                     rev_ids: list[torch.Tensor], first_ids: list[torch.Tensor], multi: list[torch.Tensor],
-                    max_mult: list[int], present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor, inv_temp: list[float],
-                    logprob: bool, renormalize: bool, backend: str) -> torch.Tensor:
-    return call_kernel("union_probs", backend, _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult,
-                                                     present, weights, cpat, inv_temp, logprob, renormalize))
+                    max_mult: list[int], present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor,
+                    inv_temp: list[float], logprob: bool, renormalize: bool, backend: str) -> torch.Tensor:
+    a = _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult, present, weights, cpat, inv_temp,
+              logprob, renormalize)
+    if weights.shape[0] == 0:
+        return weights.new_empty((0, present.shape[0]))
+    return call_kernel("union_probs", backend, a)
 
 
 @_union_probs_op.register_fake
@@ -218,10 +222,14 @@ def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult, presen
 @torch.library.custom_op("pyfuse::union_topk", mutates_args=())
 def _union_topk_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev_offsets: list[torch.Tensor],
                    rev_ids: list[torch.Tensor], first_ids: list[torch.Tensor], multi: list[torch.Tensor],
-                   max_mult: list[int], present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor, inv_temp: list[float],
-                   logprob: bool, renormalize: bool, k: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return call_kernel("union_topk", backend, _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult,
-                                                    present, weights, cpat, inv_temp, logprob, renormalize), k)
+                   max_mult: list[int], present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor,
+                   inv_temp: list[float], logprob: bool, renormalize: bool, k: int,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    a = _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult, present, weights, cpat, inv_temp,
+              logprob, renormalize)
+    if weights.shape[0] == 0:
+        return weights.new_empty((0, k)), weights.new_empty((0, k), dtype=torch.int64)
+    return call_kernel("union_topk", backend, a, k)
 
 
 @_union_topk_op.register_fake
@@ -234,11 +242,16 @@ def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult, presen
 @torch.library.custom_op("pyfuse::next_token", mutates_args=())
 def _next_token_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev_offsets: list[torch.Tensor],
                    rev_ids: list[torch.Tensor], first_ids: list[torch.Tensor], multi: list[torch.Tensor],
-                   max_mult: list[int], present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor, inv_temp: list[float],
-                   logprob: bool, renormalize: bool, from_union: list[torch.Tensor], greedy: bool, seed: int,
-                   stream: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   max_mult: list[int], present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor,
+                   inv_temp: list[float], logprob: bool, renormalize: bool, from_union: list[torch.Tensor],
+                   greedy: bool, seed: int, stream: int,
+                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     args = _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult, present, weights, cpat, inv_temp,
                  logprob, renormalize)
+    if weights.shape[0] == 0:
+        M = weights.shape[1]
+        return (weights.new_empty((0,), dtype=torch.int64), weights.new_empty((0, M), dtype=torch.int64),
+                weights.new_empty((0,)))
     return call_kernel("next_token", backend, args, from_union, greedy, V.from_i64(seed), stream)
 
 
