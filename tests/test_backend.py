@@ -1,5 +1,6 @@
 """Backend reporting and selection: explicit argument > use_backend > PYFUSE_BACKEND > device default;
 an unusable backend raises with its reason."""
+import shutil
 import subprocess
 import sys
 
@@ -18,7 +19,8 @@ def test_backends_report_every_backend_with_reason():
         assert s.reason
     if not torch.cuda.is_available():
         assert not status["cuda"].usable
-        assert "no CUDA device" in status["cuda"].reason or "not built" in status["cuda"].reason
+        if shutil.which("nvcc"):  # CI builds _C_cuda wherever nvcc exists: it must load, and say why it can't run
+            assert status["cuda"].reason == "compiled, no CUDA device"
 
 
 def test_selection_precedence(monkeypatch):

@@ -7,7 +7,9 @@ PYFUSE_BINDINGS(ensemble) {
   namespace py = pybind11;
   using pyfuse::ensemble::Args;
   namespace cu = pyfuse::cuda;
-  py::class_<Args>(m, "EnsembleArgs", "Argument block of the union-vocabulary ops (device pointers).");
+  // module_local: _C registers the same C++ type; both modules are loaded in one process.
+  py::class_<Args>(m, "EnsembleArgs", py::module_local(),
+                   "Argument block of the union-vocabulary ops (device pointers).");
   m.def("ensemble_args", &pyfuse::ensemble::make_args, "Build the argument block from per-model pointer lists.");
   m.attr("ensemble_tile") = cu::kTile;
   m.def(

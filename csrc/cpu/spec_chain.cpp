@@ -2,7 +2,10 @@
 // pyfuse/spec_chain.h, the row reductions here are sequential (fixed order).
 #include <math.h>
 
+#include <vector>
+
 #include "pyfuse/spec_chain.h"
+#include "spec_lanes.h"
 
 namespace pyfuse {
 namespace cpu {
@@ -16,7 +19,7 @@ namespace {
 constexpr int64_t kChunk = 1024;
 const float kZeros[kChunk] = {};
 
-__attribute__((target_clones("arch=skylake-avx512", "avx2", "default"), optimize("no-trapping-math")))
+__attribute__((target_clones("avx512f", "avx2", "default"), optimize("no-trapping-math")))
 int64_t fixed_sum(const float* p, const float* q, int64_t n) {
   if (q == nullptr) q = kZeros;
   int32_t hi = 0, lo = 0;
@@ -37,12 +40,75 @@ int64_t fixed_sum(const float* p, const float* q, int64_t n) {
   return static_cast<int64_t>(hi) * (int64_t{1} << 20) + lo;
 }
 
+using lanes::F16;
+using lanes::I16;
+using lanes::kLaneIndex;
+using lanes::kLanes;
+
+// exp(x) for softmax arguments x = (l - max) / T <= 0, 16 lanes at a time: Cody-Waite reduction by ln 2
+// and Cephes' degree-5 polynomial (about 1 ulp from expf), branch-free so that it vectorises; x < -87
+// (-inf included) gives 0, NaN stays NaN.
+__attribute__((always_inline)) inline F16 exp_lanes(const F16& x) {
+  const F16 zero = {};
+  const F16 xc = x < -87.0f ? zero - 87.0f : x;
+  const F16 n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const F16 r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  F16 p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const F16 y = ((p * (r * r)) + r) + 1.0f;
+  const F16 scale = reinterpret_cast<F16>((__builtin_convertvector(n, I16) + 127) << 23);
+  return x < -87.0f ? zero : y * scale;
+}
+
+// out[j] = softmax(l / T)[j] for one row of n logits: max, exp, lane sum (fixed order), divide. The
+// kernel's passes read these probabilities, so every pass sees the same value for a token.
+template <int DT>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void softmax_row(const void* logits, int64_t n, float temperature, float* out) {
+  F16 mx = {};
+  mx -= INFINITY;
+  lanes::for_blocks<DT>(logits, n, [&](const F16& v, int k) { mx = (kLaneIndex < k) & (v > mx) ? v : mx; });
+  const float m = lanes::max(mx);
+  F16 s = {};
+  int64_t j = 0;
+  lanes::for_blocks<DT>(logits, n, [&](const F16& v, int k) {
+    const F16 e = exp_lanes((v - m) / temperature);
+    s += kLaneIndex < k ? e : F16{};
+    __builtin_memcpy(out + j, &e, k * sizeof(float));
+    j += k;
+  });
+  const float total = lanes::sum(s);
+  for (int64_t i = 0; i < n; ++i) out[i] /= total;
+}
+
+// One per thread. Rejection sampling reads logit rows as probabilities materialised in two row buffers,
+// used in turn: ChainOps holds at most the two most recent rows (target, then draft) at once.
 struct SequentialReducer {
   const spec::ChainArgs& a;
+  std::vector<float> buffers[2] = {};
+  int slot = 0;
 
-  spec::ProbRow row(const void* ptr, int32_t dtype, int32_t logits, int64_t off) const {
+  spec::ProbRow row(const void* ptr, int32_t dtype, int32_t logits, int64_t off) {
     spec::ProbRow r{ptr, dtype, logits, a.temperature, off, 0.0f, 1.0f};
     if (!logits) return r;
+    if (a.mode == spec::kRejection) {
+      std::vector<float>& buf = buffers[slot];
+      slot ^= 1;
+      buf.resize(a.vocab);
+      const void* p = static_cast<const char*>(ptr) + off * dtype_size(dtype);
+      if (dtype == kFloat32) {
+        softmax_row<kFloat32>(p, a.vocab, a.temperature, buf.data());
+      } else if (dtype == kFloat16) {
+        softmax_row<kFloat16>(p, a.vocab, a.temperature, buf.data());
+      } else {
+        softmax_row<kBFloat16>(p, a.vocab, a.temperature, buf.data());
+      }
+      return spec::ProbRow{buf.data(), kFloat32, 0, a.temperature, 0, 0.0f, 1.0f};
+    }
     float m = -INFINITY;
     for (int64_t j = 0; j < a.vocab; ++j) {
       const float l = r.raw(j);
@@ -130,10 +196,11 @@ struct SequentialReducer {
 }  // namespace
 
 void spec_chain_verify(const spec::ChainArgs& args) {
-#pragma omp parallel for schedule(dynamic, 1) if (args.batch > 1)
-  for (int64_t b = 0; b < args.batch; ++b) {
+#pragma omp parallel if (args.batch > 1)
+  {
     SequentialReducer reducer{args};
-    spec::verify_request(args, b, reducer, true);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < args.batch; ++b) spec::verify_request(args, b, reducer, true);
   }
 }
 

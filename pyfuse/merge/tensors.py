@@ -102,7 +102,7 @@ def merge_tensors(
             raise ValueError(f"sparsify='della' ranks along the last dim of 1-D or 2-D tensors; got shape "
                              f"{tuple(ref.shape)}")
         for i, (rho, eps) in enumerate(zip(densities, epsilons)):
-            if 0 < rho < 1 and not 0 < rho - eps < rho + eps < 1:
+            if 0 < rho < 1 and not (0 < rho - eps and rho + eps < 1):  # mergekit 0.1.5: epsilon 0 is valid
                 raise ValueError(f"epsilon[{i}] = {eps} must keep density[{i}] +/- epsilon inside (0, 1) for "
                                  f"sparsify='della' (density {rho})")
     rescale = _choice("rescale", rescale, RESCALE)
