@@ -162,6 +162,33 @@ def test_heavy_ties_bf16(backend, device):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKEND_DEVICES if p.values[0] != "triton"])
+def test_large_top_k_band_and_fallbacks(backend, device):
+    """From 2^18 elements the CPU selects top-k thresholds from a sampled key band; its exact fallbacks
+    (heavy ties, a sample that misses the threshold) must give the reference's top-k as well."""
+    n = 300_001
+    g = torch.Generator().manual_seed(8)
+    base = torch.randint(-8, 9, (n,), generator=g).float() / 8  # exact in fp32: x - base recovers the offsets
+    smooth = [base + 0.1 * torch.randn(n, generator=g) for _ in range(2)]
+    ties = [base + torch.randint(-4, 5, (n,), generator=g).float() / 4 for _ in range(2)]  # 5 distinct |d|
+    # The sample is runs of 64 consecutive elements every n // 1024 = 292: large |d| only outside them.
+    skew = base + torch.where(torch.arange(n) % 292 < 64, 0.01, 1.0) * torch.randn(n, generator=g)
+    for models in (smooth, ties, [skew, smooth[0]]):
+        models = [m.to(device) for m in models]
+        for knobs in (dict(sparsify="magnitude", density=0.3), dict(sparsify="breadcrumbs", density=0.3, gamma=0.05)):
+            got, want = both(backend, base.to(device), models, [1.0, 0.6], consensus="sum", normalize="agree_weight",
+                             **knobs)
+            assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+def test_della_epsilon_zero(backend, device):
+    """mergekit 0.1.5 accepts epsilon = 0 (every rank keeps with probability density); so does pyfuse."""
+    base, models = task_inputs(small_shape(backend), 2, torch.float32, device)
+    got, want = both(backend, base, models, sparsify="della", density=0.4, epsilon=0.0, rescale="l1", consensus="sum")
+    assert_close(got, want)
+
+
 def test_ties_match_peft_semantics():
     """Independent oracle: PEFT's ties (unweighted election, agree-count divisor) on tie-free deltas."""
     merge_utils = pytest.importorskip("peft.utils.merge_utils")

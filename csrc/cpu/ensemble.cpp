@@ -1,12 +1,15 @@
-// Union-vocabulary ensembling on the CPU: one batch row per OpenMP task. A row's model exponentials are
-// computed once into per-thread scratch (O(V_m), in L2) and gathered into union tiles through the reverse
-// index (first id vectorised, the rare many-to-one ids added after, in id order). All sums over sets are
-// fixed-point, so the result does not depend on the thread count.
+// Union-vocabulary ensembling on the CPU. Work is split on a fixed grid, independent of the thread count:
+// model statistics over (row, model, chunk of model ids), keys over (row, tile of union ids), so one row
+// also keeps both cores busy. Partial results are maxima and fixed-point int64 sums, which are exact and
+// order-free, so every split gives the reference's bits. Keys gather the logits through the reverse index
+// (first id vectorised, the rare many-to-one ids added after, in id order) and recompute the exponentials
+// instead of storing them: the polynomial is cheaper than a round trip of a [V_m] row through memory.
 #include <immintrin.h>
 #include <omp.h>
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <vector>
 
 #include "pyfuse/ensemble.h"
@@ -20,7 +23,9 @@ using ensemble::exp_det;
 using ensemble::fix;
 using ensemble::unfix_recip;
 
-constexpr int64_t kTile = 1024;
+constexpr int64_t kChunk = 32768;  // model ids per statistics item
+constexpr int64_t kTile = 2048;    // union ids per key item
+constexpr int kLanes = 16;         // lane arrays GCC turns into one AVX-512 (two AVX2) register(s)
 const float kNegInf = bits_float(0xFF800000u);
 
 #define PYFUSE_HOT __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
@@ -30,86 +35,76 @@ inline const void* row_ptr(const Args& a, int m, int64_t b) {
   return static_cast<const char*>(a.logits[m]) + b * a.row_stride[m] * dtype_size(a.dtype);
 }
 
-// e[v] = exp_det(y_v - max y) at valid ids, 0 elsewhere (stored when STORE); returns 1 / S, the max in
-// *mx_out and, in *top, an id of the maximum (-1 when no valid id is finite).
-template <int DT, bool STORE>
-PYFUSE_INLINE float model_exps_t(const void* x, const int32_t* fwd, int64_t V, float inv_t, float* e, float* mx_out,
-                                 int64_t* top) {
-  // Max in 16 lanes: a float max reduction only vectorises with -ffast-math. Max is order-free.
-  constexpr int kLanes = 16;
+// Max of the valid x in [v0, v1) and its lowest id (-1 when no valid x is > -inf). A float max reduction
+// only vectorises with -ffast-math, hence the lanes; a positive inv_t keeps the order, so max y = max x * inv_t.
+template <int DT>
+PYFUSE_INLINE void chunk_max_t(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float* mx_out,
+                               int64_t* at_out) {
   float lane[kLanes];
   int32_t lane_at[kLanes];  // V <= 2^22
   for (int j = 0; j < kLanes; ++j) {
     lane[j] = kNegInf;
     lane_at[j] = -1;
   }
-  int64_t v = 0;
-  // The max of x: a positive inv_t keeps the order, and fl(max x * inv_t) is the max of the y.
-  for (; v + kLanes <= V; v += kLanes) {
+  int64_t v = v0;
+  for (; v + kLanes <= v1; v += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
       const float y = ensemble::select(fwd[v + j] >= 0, load_float(x, DT, v + j), kNegInf);
-      const bool more = y > lane[j];
+      const bool more = y > lane[j];  // strict: each lane keeps its first maximum
       lane[j] = more ? y : lane[j];
-      if (!STORE) lane_at[j] = more ? static_cast<int32_t>(v + j) : lane_at[j];  // only the greedy path needs it
+      lane_at[j] = more ? static_cast<int32_t>(v + j) : lane_at[j];
     }
   }
   float mx = kNegInf;
   int64_t at = -1;
-  for (; v < V; ++v) {
+  for (; v < v1; ++v) {
     const float y = ensemble::select(fwd[v] >= 0, load_float(x, DT, v), kNegInf);
     at = y > mx ? v : at;
     mx = y > mx ? y : mx;
   }
   for (int j = 0; j < kLanes; ++j) {
-    at = lane[j] > mx ? lane_at[j] : at;
-    mx = lane[j] > mx ? lane[j] : mx;
+    const bool better = lane[j] > mx || (lane[j] == mx && lane_at[j] >= 0 && (at < 0 || lane_at[j] < at));
+    at = better ? lane_at[j] : at;
+    mx = better ? lane[j] : mx;
   }
-  mx = mx * inv_t;
-  *top = at;
   *mx_out = mx;
+  *at_out = at;
+}
+
+// Fixed-point sum of e_v = exp_det(y_v - mx) over the valid ids in [v0, v1).
+template <int DT>
+PYFUSE_INLINE int64_t chunk_expsum_t(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t,
+                                     float mx) {
   int64_t s = 0;
-  for (v = 0; v < V; ++v) {
-    const float ev = ensemble::select(fwd[v] >= 0, exp_det(load_float(x, DT, v) * inv_t - mx), 0.0f);
-    if (STORE) e[v] = ev;
-    s += fix(ev);
+  for (int64_t v = v0; v < v1; ++v) {
+    s += fix(ensemble::select(fwd[v] >= 0, exp_det(load_float(x, DT, v) * inv_t - mx), 0.0f));
   }
-  return unfix_recip(s);
+  return s;
 }
 
-#define PYFUSE_MODEL_EXPS(name, DT, STORE)                                                          \
-  PYFUSE_HOT float name(const void* x, const int32_t* f, int64_t V, float t, float* e, float* mx,    \
-                        int64_t* top) {                                                             \
-    return model_exps_t<DT, STORE>(x, f, V, t, e, mx, top);                                         \
-  }
-PYFUSE_MODEL_EXPS(model_exps_f32, kFloat32, true)
-PYFUSE_MODEL_EXPS(model_exps_f16, kFloat16, true)
-PYFUSE_MODEL_EXPS(model_exps_bf16, kBFloat16, true)
-PYFUSE_MODEL_EXPS(model_stats_f32, kFloat32, false)
-PYFUSE_MODEL_EXPS(model_stats_f16, kFloat16, false)
-PYFUSE_MODEL_EXPS(model_stats_bf16, kBFloat16, false)
-
-// e == nullptr: statistics only.
-float model_exps(int32_t dtype, const void* x, const int32_t* f, int64_t V, float t, float* e, float* mx,
-                 int64_t* top) {
-  if (dtype == kFloat32) return (e ? model_exps_f32 : model_stats_f32)(x, f, V, t, e, mx, top);
-  if (dtype == kFloat16) return (e ? model_exps_f16 : model_stats_f16)(x, f, V, t, e, mx, top);
-  return (e ? model_exps_bf16 : model_stats_bf16)(x, f, V, t, e, mx, top);
+// E[i] = exp_det(g[i] * inv_t - mx) where first[i] >= 0, else 0 (g: the gathered logits).
+PYFUSE_HOT void exps_of(const float* g, const int32_t* first, int64_t n, float inv_t, float mx, float* E) {
+  for (int64_t i = 0; i < n; ++i) E[i] = ensemble::select(first[i] >= 0, exp_det(g[i] * inv_t - mx), 0.0f);
 }
 
-// E[i] = e[first[i]] (0 where none). GCC's generic tuning never emits gathers, hence the intrinsics.
-void gather_first_scalar(const int32_t* first, const float* e, int64_t n, float* E) {
-  for (int64_t i = 0; i < n; ++i) E[i] = first[i] >= 0 ? e[first[i]] : 0.0f;
+#define PYFUSE_PER_DTYPE(name, impl, DT, params, args) \
+  PYFUSE_HOT auto name params { return impl<DT> args; }
+#define PYFUSE_MAX_PARAMS (const void* x, const int32_t* f, int64_t v0, int64_t v1, float* mx, int64_t* at)
+#define PYFUSE_SUM_PARAMS (const void* x, const int32_t* f, int64_t v0, int64_t v1, float t, float mx)
+PYFUSE_PER_DTYPE(chunk_max_f32, chunk_max_t, kFloat32, PYFUSE_MAX_PARAMS, (x, f, v0, v1, mx, at))
+PYFUSE_PER_DTYPE(chunk_max_f16, chunk_max_t, kFloat16, PYFUSE_MAX_PARAMS, (x, f, v0, v1, mx, at))
+PYFUSE_PER_DTYPE(chunk_max_bf16, chunk_max_t, kBFloat16, PYFUSE_MAX_PARAMS, (x, f, v0, v1, mx, at))
+PYFUSE_PER_DTYPE(chunk_expsum_f32, chunk_expsum_t, kFloat32, PYFUSE_SUM_PARAMS, (x, f, v0, v1, t, mx))
+PYFUSE_PER_DTYPE(chunk_expsum_f16, chunk_expsum_t, kFloat16, PYFUSE_SUM_PARAMS, (x, f, v0, v1, t, mx))
+PYFUSE_PER_DTYPE(chunk_expsum_bf16, chunk_expsum_t, kBFloat16, PYFUSE_SUM_PARAMS, (x, f, v0, v1, t, mx))
+
+void chunk_max(int32_t dt, const void* x, const int32_t* f, int64_t v0, int64_t v1, float* mx, int64_t* at) {
+  (dt == kFloat32 ? chunk_max_f32 : dt == kFloat16 ? chunk_max_f16 : chunk_max_bf16)(x, f, v0, v1, mx, at);
 }
 
-__attribute__((target("avx512f"))) void gather_first_avx512(const int32_t* first, const float* e, int64_t n,
-                                                              float* E) {
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const __m512i idx = _mm512_loadu_si512(first + i);
-    const __mmask16 has = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
-    _mm512_storeu_ps(E + i, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), has, idx, e, 4));  // masked lanes: no load
-  }
-  gather_first_scalar(first + i, e, n - i, E + i);
+int64_t chunk_expsum(int32_t dt, const void* x, const int32_t* f, int64_t v0, int64_t v1, float t, float mx) {
+  return (dt == kFloat32 ? chunk_expsum_f32 : dt == kFloat16 ? chunk_expsum_f16 : chunk_expsum_bf16)(x, f, v0, v1,
+                                                                                                     t, mx);
 }
 
 bool have_avx512() {
@@ -120,12 +115,22 @@ bool have_avx512() {
   return yes;
 }
 
-void gather_first(const int32_t* first, const float* e, int64_t n, float* E) {
-  if (have_avx512()) {
-    gather_first_avx512(first, e, n, E);
-  } else {
-    gather_first_scalar(first, e, n, E);
+// g[i] = x[first[i]] (0 where first[i] < 0). GCC's generic tuning never emits gathers, hence the intrinsics
+// for float32; masked lanes load nothing.
+__attribute__((target("avx512f"))) void gather_f32_avx512(const float* x, const int32_t* first, int64_t n,
+                                                            float* g) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i idx = _mm512_loadu_si512(first + i);
+    const __mmask16 has = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
+    _mm512_storeu_ps(g + i, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), has, idx, x, 4));
   }
+  for (; i < n; ++i) g[i] = first[i] >= 0 ? x[first[i]] : 0.0f;
+}
+
+void gather(int32_t dt, const void* x, const int32_t* first, int64_t n, float* g) {
+  if (dt == kFloat32 && have_avx512()) return gather_f32_avx512(static_cast<const float*>(x), first, n, g);
+  for (int64_t i = 0; i < n; ++i) g[i] = first[i] >= 0 ? load_float(x, dt, first[i]) : 0.0f;
 }
 
 PYFUSE_HOT void add_prob(float* acc, const float* E, int64_t n, float w, float inv_s) {
@@ -145,23 +150,14 @@ PYFUSE_HOT void finish_unit(const float* acc, const uint8_t* used, int64_t n, bo
   for (int64_t i = 0; i < n; ++i) key[i] = logprob ? ensemble::select(used[i] != 0, acc[i], kNegInf) : acc[i];
 }
 
-// A row's per-model state: exponentials e[m] (scratch of V_m floats, or none), max, 1 / S, an id of the max.
-struct RowModels {
-  float* e[ensemble::kMaxModels];
-  float mx[ensemble::kMaxModels];
-  float inv_s[ensemble::kMaxModels];
-  int64_t top[ensemble::kMaxModels];
+// Per (row, model) statistics: max y, 1 / S and the lowest id of the max, at [b * M + m].
+struct Stats {
+  std::vector<float> mx, inv_s;
+  std::vector<int64_t> top;
 };
 
-void row_models(const Args& a, int64_t b, RowModels& r, bool store) {
-  for (int m = 0; m < a.num_models; ++m) {
-    r.inv_s[m] = model_exps(a.dtype, row_ptr(a, m, b), a.to_union[m], a.vocab[m], a.inv_temp[m],
-                            store ? r.e[m] : nullptr, &r.mx[m], &r.top[m]);
-  }
-}
-
-// key(u) of one union id from the logits, operation for operation as row_keys.
-float key_of(const Args& a, int64_t b, const RowModels& r, int64_t u) {
+// key(u) of one union id from the logits, operation for operation as tile_keys.
+float key_of(const Args& a, int64_t b, const Stats& st, int64_t u) {
   const int M = a.num_models;
   const uint8_t pat = a.present[u] & static_cast<uint8_t>((1u << M) - 1u);
   float acc = 0.0f;
@@ -170,76 +166,149 @@ float key_of(const Args& a, int64_t b, const RowModels& r, int64_t u) {
     const void* x = row_ptr(a, m, b);
     float E = 0.0f;
     for (int64_t j = a.rev_offsets[m][u]; j < a.rev_offsets[m][u + 1]; ++j) {
-      E = E + exp_det(load_float(x, a.dtype, a.rev_ids[m][j]) * a.inv_temp[m] - r.mx[m]);
+      E = E + exp_det(load_float(x, a.dtype, a.rev_ids[m][j]) * a.inv_temp[m] - st.mx[b * M + m]);
     }
-    ensemble::combine_step(acc, used, a.weights[b * M + m], E * r.inv_s[m], (pat >> m) & 1, a.logprob,
+    ensemble::combine_step(acc, used, a.weights[b * M + m], E * st.inv_s[b * M + m], (pat >> m) & 1, a.logprob,
                            a.renormalize);
   }
   return ensemble::combine_finish(acc, used, a.renormalize ? a.cpat[(b << M) + pat] : 1.0f, a.logprob);
 }
 
-// key(u) of batch row b for the whole union, into key[U].
-void row_keys(const Args& a, int64_t b, const RowModels& r, float* key) {
+// One model id v after the first of union id u (pyfuse/ensemble/maps.py: EnsembleTables.multi).
+struct Extra {
+  int32_t u, v;
+};
+
+// key(u) of batch row b for union ids [u0, u0 + n), n <= kTile, into key[n].
+void tile_keys(const Args& a, int64_t b, const Stats& st, int64_t u0, int64_t n, float* key) {
   const int M = a.num_models;
-  const int64_t U = a.union_size;
-  const float* const* e = r.e;
-  const float* inv_s = r.inv_s;
-  int64_t cursor[ensemble::kMaxModels] = {};
   const float* w = a.weights + b * M;
   const float* cpat = a.cpat + b * (int64_t{1} << M);
   const uint8_t mask = static_cast<uint8_t>((1u << M) - 1u);
-  float E[kTile], tile_acc[kTile];
+  const uint8_t* present = a.present + u0;
+  float g[kTile], E[kTile], tile_acc[kTile];
   uint8_t used[kTile];
   // Mode "prob" + absent "zero": the key is the sum itself, accumulated in place.
   const bool direct = !a.logprob && !a.renormalize;
-  for (int64_t u0 = 0; u0 < U; u0 += kTile) {
-    const int64_t n = std::min(kTile, U - u0);
-    const uint8_t* present = a.present + u0;
-    float* acc = direct ? key + u0 : tile_acc;
-    std::fill(acc, acc + n, 0.0f);
-    std::fill(used, used + n, uint8_t{0});
-    for (int m = 0; m < M; ++m) {
-      gather_first(a.first_ids[m] + u0, e[m], n, E);
-      // Many-to-one union ids: the other model ids, in ascending order after the first.
-      for (int64_t& c = cursor[m]; c < a.num_multi[m] && a.multi[m][c] < u0 + n; ++c) {
-        const int64_t u = a.multi[m][c];
-        for (int64_t j = a.rev_offsets[m][u] + 1; j < a.rev_offsets[m][u + 1]; ++j) {
-          E[u - u0] = E[u - u0] + e[m][a.rev_ids[m][j]];
-        }
-      }
-      if (!a.logprob) {
-        add_prob(acc, E, n, w[m], inv_s[m]);
-      } else if (w[m] > 0.0f) {
-        add_logprob(acc, used, E, present, n, w[m], inv_s[m], m, a.renormalize);
-      }
+  float* acc = direct ? key : tile_acc;
+  std::fill(acc, acc + n, 0.0f);
+  std::fill(used, used + n, uint8_t{0});
+  for (int m = 0; m < M; ++m) {
+    const void* x = row_ptr(a, m, b);
+    const float mx = st.mx[b * M + m], inv_t = a.inv_temp[m];
+    gather(a.dtype, x, a.first_ids[m] + u0, n, g);
+    exps_of(g, a.first_ids[m] + u0, n, inv_t, mx, E);
+    // Many-to-one union ids: the other model ids, as (union id, model id) pairs in ascending order.
+    const Extra* extra = reinterpret_cast<const Extra*>(a.multi[m]);
+    const Extra* end = extra + a.num_multi[m];
+    for (const Extra* e = std::lower_bound(extra, end, u0, [](const Extra& p, int64_t u) { return p.u < u; });
+         e < end && e->u < u0 + n; ++e) {
+      E[e->u - u0] = E[e->u - u0] + exp_det(load_float(x, a.dtype, e->v) * inv_t - mx);
     }
-    if (a.renormalize) {
-      for (int64_t i = 0; i < n; ++i) {
-        key[u0 + i] = ensemble::combine_finish(acc[i], used[i] != 0, cpat[present[i] & mask], a.logprob);
-      }
-    } else if (!direct) {  // c(u) == 1: the same values, vectorised
-      finish_unit(acc, used, n, a.logprob, key + u0);
+    if (!a.logprob) {
+      add_prob(acc, E, n, w[m], st.inv_s[b * M + m]);
+    } else if (w[m] > 0.0f) {
+      add_logprob(acc, used, E, present, n, w[m], st.inv_s[b * M + m], m, a.renormalize);
     }
+  }
+  if (a.renormalize) {
+    for (int64_t i = 0; i < n; ++i) {
+      key[i] = ensemble::combine_finish(acc[i], used[i] != 0, cpat[present[i] & mask], a.logprob);
+    }
+  } else if (!direct) {  // c(u) == 1: the same values, vectorised
+    finish_unit(acc, used, n, a.logprob, key);
   }
 }
 
-// Keys -> scores r in place (logprob: exp_det(key - max)); returns the fixed-point total Z.
-PYFUSE_HOT int64_t keys_to_scores(float* key, int64_t U, bool logprob) {
+// Lanes again: max and fixed-point sum only vectorise this way.
+PYFUSE_HOT float max_of(const float* x, int64_t n) {
+  float lane[kLanes];
+  for (int j = 0; j < kLanes; ++j) lane[j] = kNegInf;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lane[j] = x[i + j] > lane[j] ? x[i + j] : lane[j];
+  }
+  float mx = kNegInf;
+  for (; i < n; ++i) mx = x[i] > mx ? x[i] : mx;
+  for (int j = 0; j < kLanes; ++j) mx = lane[j] > mx ? lane[j] : mx;
+  return mx;
+}
+
+PYFUSE_HOT int64_t fix_sum(const float* x, int64_t n) {
   int64_t z = 0;
-  if (!logprob) {
-    for (int64_t u = 0; u < U; ++u) z += fix(key[u]);
-    return z;
-  }
-  float kmax = kNegInf;
-  for (int64_t u = 0; u < U; ++u) kmax = key[u] > kmax ? key[u] : kmax;
-  const bool any = kmax > kNegInf;
-  for (int64_t u = 0; u < U; ++u) {
-    const float r = any ? exp_det(key[u] - kmax) : 0.0f;
-    key[u] = r;
-    z += fix(r);
-  }
+  for (int64_t i = 0; i < n; ++i) z += fix(x[i]);
   return z;
 }
+
+// Logprob keys -> scores exp_det(key - kmax) in place (0 when no key is finite).
+PYFUSE_HOT void exp_scores(float* x, int64_t n, float kmax) {
+  const bool any = kmax > kNegInf;
+  for (int64_t i = 0; i < n; ++i) x[i] = ensemble::select(any, exp_det(x[i] - kmax), 0.0f);
+}
+
+PYFUSE_HOT void scale(float* x, int64_t n, float s) {
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] * s;
+}
+
+// The fixed work grid of one call: statistics items (row, model, chunk) and key items (row, tile).
+struct Grid {
+  const Args& a;
+  int64_t chunks_per_row = 0, tiles;
+  int64_t chunk_start[ensemble::kMaxModels + 1];  // first item of each model within a row
+  explicit Grid(const Args& args) : a(args), tiles((args.union_size + kTile - 1) / kTile) {
+    for (int m = 0; m < a.num_models; ++m) {
+      chunk_start[m] = chunks_per_row;
+      chunks_per_row += std::max<int64_t>(1, (a.vocab[m] + kChunk - 1) / kChunk);
+    }
+    chunk_start[a.num_models] = chunks_per_row;
+  }
+  int64_t stat_items() const { return a.batch * chunks_per_row; }
+  int64_t key_items() const { return a.batch * tiles; }
+  // Item i of the statistics grid as (row, model, v0, v1).
+  void stat_item(int64_t i, int64_t* b, int* m, int64_t* v0, int64_t* v1) const {
+    *b = i / chunks_per_row;
+    const int64_t r = i % chunks_per_row;
+    int k = 0;
+    while (r >= chunk_start[k + 1]) ++k;
+    *m = k;
+    *v0 = (r - chunk_start[k]) * kChunk;
+    *v1 = std::min(*v0 + kChunk, a.vocab[k]);
+  }
+};
+
+// A step of a call: per_row items for each batch row, item i of row b being fn(b * per_row + i).
+struct Phase {
+  int64_t per_row;
+  std::function<void(int64_t)> fn;
+};
+
+// Runs the phases in order. With at least one row per thread, each thread takes whole rows through every
+// phase (a row's logits stay in its core's cache and no barrier is needed); otherwise every phase is split
+// over all (row, item) pairs with a barrier between phases, so a single row uses every core. Items only
+// write their own outputs and phases reduce with max / integer sums, so both give the same bits.
+void run(int64_t batch, const std::vector<Phase>& phases) {
+  if (batch >= omp_get_max_threads()) {
+#pragma omp parallel for schedule(dynamic, 1)
+    for (int64_t b = 0; b < batch; ++b) {
+      for (const Phase& p : phases) {
+        for (int64_t i = 0; i < p.per_row; ++i) p.fn(b * p.per_row + i);
+      }
+    }
+    return;
+  }
+#pragma omp parallel
+  for (const Phase& p : phases) {
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < batch * p.per_row; ++i) p.fn(i);
+  }
+}
+
+// Per-row results of the key pass: the first maximum key and its id, and the fixed-point total Z of the
+// scores with 1 / Z.
+struct RowKeys {
+  std::vector<float> kmax, inv_z;
+  std::vector<int64_t> best, z;
+};
 
 // Appends to_union[v] for the valid ids with y_v >= thr, and for those with y_v >= thr_multi (<= thr) whose
 // union id has several model ids (their sum may pass). Blocks are screened with a vectorised count.
@@ -276,35 +345,19 @@ void candidates_above(const Args& a, int m, int64_t b, float thr, float thr_mult
   fn(x, a.to_union[m], a.rev_offsets[m], a.vocab[m], a.inv_temp[m], thr, thr_multi, out);
 }
 
-PYFUSE_HOT void scale(float* x, int64_t n, float s) {
-  for (int64_t i = 0; i < n; ++i) x[i] = x[i] * s;
-}
-
-// Per-thread scratch: one exponential row per model.
-struct Scratch {
-  std::vector<std::vector<float>> rows;
-  RowModels models;
-  explicit Scratch(const Args& a) : rows(a.num_models) {
-    for (int m = 0; m < a.num_models; ++m) {
-      rows[m].resize(a.vocab[m]);
-      models.e[m] = rows[m].data();
-    }
-  }
-};
-
 // Greedy next token for mode "prob", absent "zero", without computing every key: with tau the best key
 // of the models' top-1 ids, a union id can reach tau only if some model has w_m * P_m(u) >= tau / M, i.e.
 // e_v >= tau / (M * w_m * inv_s_m) for one of its ids (many-to-one ids are always checked). Half that
-// threshold leaves room for rounding; the candidates' keys are computed exactly as in row_keys.
-int64_t greedy_prob_zero(const Args& a, int64_t b, const RowModels& r, std::vector<int64_t>& cand, float* best_key) {
+// threshold leaves room for rounding; the candidates' keys are computed exactly as in tile_keys.
+int64_t greedy_prob_zero(const Args& a, int64_t b, const Stats& st, std::vector<int64_t>& cand, float* best_key) {
   const int M = a.num_models;
   const float* w = a.weights + b * M;
   cand.clear();
   for (int m = 0; m < M; ++m) {
-    if (r.top[m] >= 0 && w[m] > 0.0f) cand.push_back(a.to_union[m][r.top[m]]);
+    if (st.top[b * M + m] >= 0 && w[m] > 0.0f) cand.push_back(a.to_union[m][st.top[b * M + m]]);
   }
   float tau = 0.0f;
-  for (int64_t u : cand) tau = std::max(tau, key_of(a, b, r, u));
+  for (int64_t u : cand) tau = std::max(tau, key_of(a, b, st, u));
   if (!(tau > 0.0f)) {
     *best_key = 0.0f;
     return -1;
@@ -312,9 +365,9 @@ int64_t greedy_prob_zero(const Args& a, int64_t b, const RowModels& r, std::vect
   for (int m = 0; m < M; ++m) {
     if (!(w[m] > 0.0f)) continue;
     // e_v >= thr  <=>  y_v >= mx + log(thr); 0.01 more slack for the rounding of y and exp_det.
-    const double thr = 0.5 * tau / (static_cast<double>(M) * w[m] * r.inv_s[m]);
+    const double thr = 0.5 * tau / (static_cast<double>(M) * w[m] * st.inv_s[b * M + m]);
     // A union id with n model ids needs one of them at >= thr / n.
-    const double ythr = r.mx[m] + std::log(thr) - 0.01;
+    const double ythr = st.mx[b * M + m] + std::log(thr) - 0.01;
     candidates_above(a, m, b, static_cast<float>(ythr),
                      static_cast<float>(ythr - std::log(static_cast<double>(std::max<int64_t>(a.max_mult[m], 1)))),
                      cand);
@@ -322,7 +375,7 @@ int64_t greedy_prob_zero(const Args& a, int64_t b, const RowModels& r, std::vect
   int64_t best = -1;
   float kbest = 0.0f;
   for (int64_t u : cand) {
-    const float k = key_of(a, b, r, u);
+    const float k = key_of(a, b, st, u);
     if (k > kbest || (k == kbest && best >= 0 && u < best)) {
       kbest = k;
       best = u;
@@ -332,67 +385,166 @@ int64_t greedy_prob_zero(const Args& a, int64_t b, const RowModels& r, std::vect
   return best;
 }
 
+// Scratch and phases of one call, sized by the grid.
+struct Work {
+  const Args& a;
+  Grid grid;
+  std::vector<float> pmax;
+  std::vector<int64_t> pat, psum;
+  Stats st;
+  std::vector<float> tmax;
+  std::vector<int64_t> targ, tsum;
+  RowKeys rk;
+  explicit Work(const Args& args)
+      : a(args), grid(args), pmax(grid.stat_items()), pat(grid.stat_items()), psum(grid.stat_items()),
+        tmax(grid.key_items()), targ(grid.key_items()), tsum(grid.key_items()) {
+    const size_t bm = static_cast<size_t>(a.batch) * a.num_models;
+    st.mx.resize(bm);
+    st.inv_s.resize(bm);
+    st.top.resize(bm);
+    rk.kmax.resize(a.batch);
+    rk.inv_z.resize(a.batch);
+    rk.best.resize(a.batch);
+    rk.z.resize(a.batch);
+  }
+
+  // Statistics items of row b's model m: [first, last).
+  int64_t first_chunk(int64_t b, int64_t m) const { return b * grid.chunks_per_row + grid.chunk_start[m]; }
+  int64_t last_chunk(int64_t b, int64_t m) const { return b * grid.chunks_per_row + grid.chunk_start[m + 1]; }
+
+  // Fills st for every (row, model): chunk maxima, their reduction, chunk sums, their reduction.
+  void stats_phases(std::vector<Phase>& out) {
+    const int M = a.num_models;
+    out.push_back({grid.chunks_per_row, [this](int64_t i) {
+                     int64_t b, v0, v1;
+                     int m;
+                     grid.stat_item(i, &b, &m, &v0, &v1);
+                     chunk_max(a.dtype, row_ptr(a, m, b), a.to_union[m], v0, v1, &pmax[i], &pat[i]);
+                   }});
+    out.push_back({M, [this, M](int64_t bm) {
+                     const int64_t b = bm / M, m = bm % M;
+                     float mx = kNegInf;
+                     int64_t at = -1;
+                     for (int64_t i = first_chunk(b, m); i < last_chunk(b, m); ++i) {
+                       at = pmax[i] > mx ? pat[i] : at;  // chunks in id order: strict keeps the lowest id
+                       mx = pmax[i] > mx ? pmax[i] : mx;
+                     }
+                     st.mx[bm] = mx * a.inv_temp[m];
+                     st.top[bm] = at;
+                   }});
+    out.push_back({grid.chunks_per_row, [this, M](int64_t i) {
+                     int64_t b, v0, v1;
+                     int m;
+                     grid.stat_item(i, &b, &m, &v0, &v1);
+                     psum[i] = chunk_expsum(a.dtype, row_ptr(a, m, b), a.to_union[m], v0, v1, a.inv_temp[m],
+                                            st.mx[b * M + m]);
+                   }});
+    out.push_back({M, [this, M](int64_t bm) {
+                     int64_t s = 0;
+                     for (int64_t i = first_chunk(bm / M, bm % M); i < last_chunk(bm / M, bm % M); ++i) s += psum[i];
+                     st.inv_s[bm] = unfix_recip(s);
+                   }});
+  }
+
+  // Keys of every (row, union id) into out [B, U]; when `scores`, turned into scores r in place
+  // (logprob: exp_det(key - max key)) with the row's first maximum key and Z in rk.
+  void key_phases(std::vector<Phase>& out, float* keys, bool scores) {
+    const int64_t U = a.union_size, T = grid.tiles;
+    out.push_back({T, [this, keys, scores, U, T](int64_t i) {
+                     const int64_t b = i / T, u0 = (i % T) * kTile, n = std::min(kTile, U - u0);
+                     float* key = keys + b * U + u0;
+                     tile_keys(a, b, st, u0, n, key);
+                     if (!scores) return;
+                     tmax[i] = max_of(key, n);
+                     targ[i] = u0 + (std::find(key, key + n, tmax[i]) - key);
+                     tsum[i] = a.logprob ? 0 : fix_sum(key, n);
+                   }});
+    if (!scores) return;
+    out.push_back({1, [this, T](int64_t b) {
+                     float mx = tmax[b * T];
+                     int64_t at = targ[b * T];
+                     for (int64_t t = 1; t < T; ++t) {
+                       at = tmax[b * T + t] > mx ? targ[b * T + t] : at;
+                       mx = tmax[b * T + t] > mx ? tmax[b * T + t] : mx;
+                     }
+                     rk.kmax[b] = mx;
+                     rk.best[b] = at;
+                   }});
+    if (a.logprob) {
+      out.push_back({T, [this, keys, U, T](int64_t i) {
+                       const int64_t b = i / T, u0 = (i % T) * kTile, n = std::min(kTile, U - u0);
+                       exp_scores(keys + b * U + u0, n, rk.kmax[b]);
+                       tsum[i] = fix_sum(keys + b * U + u0, n);
+                     }});
+    }
+    out.push_back({1, [this, T](int64_t b) {
+                     int64_t z = 0;
+                     for (int64_t t = 0; t < T; ++t) z += tsum[b * T + t];
+                     rk.z[b] = z;
+                     rk.inv_z[b] = unfix_recip(z);
+                   }});
+  }
+};
+
 }  // namespace
 
 void union_probs(const Args& a, float* out) {
   const bool normalize = a.logprob || a.renormalize;  // mode "prob" + absent "zero" already sums to 1
-#pragma omp parallel
-  {
-    Scratch s(a);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < a.batch; ++b) {
-      float* row = out + b * a.union_size;
-      row_models(a, b, s.models, true);
-      row_keys(a, b, s.models, row);
-      if (normalize) scale(row, a.union_size, unfix_recip(keys_to_scores(row, a.union_size, a.logprob)));
-    }
+  const int64_t U = a.union_size, T = (U + kTile - 1) / kTile;
+  Work w(a);
+  std::vector<Phase> phases;
+  w.stats_phases(phases);
+  w.key_phases(phases, out, normalize);
+  if (normalize) {
+    phases.push_back({T, [&](int64_t i) {
+                        const int64_t b = i / T, u0 = (i % T) * kTile;
+                        scale(out + b * U + u0, std::min(kTile, U - u0), w.rk.inv_z[b]);
+                      }});
   }
+  run(a.batch, phases);
 }
 
+// Greedy "prob"/"zero" rows never touch the union; the other cases compute every score into a [B, U]
+// scratch (as union_probs) and pick from it.
 void next_token(const Args& a, bool greedy, uint64_t seed, uint32_t stream, int64_t* union_ids, int64_t* model_ids,
                 float* prob) {
   const int64_t U = a.union_size;
   const bool normalize = a.logprob || a.renormalize;
-#pragma omp parallel
-  {
-    Scratch s(a);
-    std::vector<float> key;
-    std::vector<int64_t> cand;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t b = 0; b < a.batch; ++b) {
-      const bool fast = greedy && !normalize;
-      row_models(a, b, s.models, !fast);
-      int64_t chosen = -1;
-      float p = 0.0f;
-      if (fast) {
-        chosen = greedy_prob_zero(a, b, s.models, cand, &p);
-      } else {
-        key.resize(U);
-        row_keys(a, b, s.models, key.data());
-        int64_t best = 0;  // first maximum of the keys (before the logprob exp can merge neighbours)
-        for (int64_t u = 1; u < U; ++u) best = key[u] > key[best] ? u : best;
-        const bool no_key = a.logprob ? !(key[best] > kNegInf) : !(key[best] > 0.0f);
-        const int64_t z = keys_to_scores(key.data(), U, a.logprob);
-        const float inv_z = normalize ? unfix_recip(z) : 1.0f;
-        if (greedy) {
-          chosen = no_key ? -1 : best;
-        } else if (z > 0) {
-          const int64_t target = ensemble::sample_target(z, seed, b, stream);
-          int64_t cum = 0;
-          for (int64_t u = 0; u < U && chosen < 0; ++u) {
-            cum += fix(key[u]);
-            if (cum > target) chosen = u;
-          }
-        }
-        p = chosen < 0 ? 0.0f : key[chosen] * inv_z;
-      }
-      union_ids[b] = chosen;
-      prob[b] = p;
-      for (int m = 0; m < a.num_models; ++m) {
-        model_ids[b * a.num_models + m] = chosen < 0 ? -1 : a.from_union[m][chosen];
-      }
-    }
-  }
+  const bool fast = greedy && !normalize;
+  Work w(a);
+  std::vector<float> score(fast ? 0 : static_cast<size_t>(a.batch) * U);
+  std::vector<Phase> phases;
+  w.stats_phases(phases);
+  if (!fast) w.key_phases(phases, score.data(), true);
+  phases.push_back({1, [&](int64_t b) {
+                      int64_t chosen = -1;
+                      float p = 0.0f;
+                      if (fast) {
+                        std::vector<int64_t> cand;
+                        chosen = greedy_prob_zero(a, b, w.st, cand, &p);
+                      } else {
+                        const float* r = score.data() + b * U;
+                        const float inv_z = normalize ? w.rk.inv_z[b] : 1.0f;
+                        if (greedy) {
+                          const bool no_key = a.logprob ? !(w.rk.kmax[b] > kNegInf) : !(w.rk.kmax[b] > 0.0f);
+                          chosen = no_key ? -1 : w.rk.best[b];
+                        } else if (w.rk.z[b] > 0) {
+                          const int64_t target = ensemble::sample_target(w.rk.z[b], seed, b, stream);
+                          int64_t cum = 0;
+                          for (int64_t u = 0; u < U && chosen < 0; ++u) {
+                            cum += fix(r[u]);
+                            if (cum > target) chosen = u;
+                          }
+                        }
+                        p = chosen < 0 ? 0.0f : r[chosen] * inv_z;
+                      }
+                      union_ids[b] = chosen;
+                      prob[b] = p;
+                      for (int m = 0; m < a.num_models; ++m) {
+                        model_ids[b * a.num_models + m] = chosen < 0 ? -1 : a.from_union[m][chosen];
+                      }
+                    }});
+  run(a.batch, phases);
 }
 
 namespace {

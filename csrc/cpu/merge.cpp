@@ -1,13 +1,17 @@
 // pyfuse::merge_task_vectors on the CPU (OpenMP).
 //
-// Statistics pass, per model: exact top-k thresholds of |x_i - base| for magnitude/breadcrumbs
-// (cpu/select.h, keys computed on the fly), then the L1 sums of d_i and of its masked version for
-// rescale="l1". Fused pass: each thread takes a segment (a tile, or one row for della), recomputes every
-// delta, mask and random number into a K x segment scratch, elects the sign, combines and writes the
-// output once. Extra memory: per thread K x segment floats (+ della's row sort); no K x n buffers.
-// Results do not depend on the thread count: per-element math only, L1 partial sums in fixed segments.
+// Statistics pass, per model: exact top-k thresholds of |x_i - base| for magnitude/breadcrumbs in one
+// read of x_i and base (a sampled key band, then the exact threshold among the band's few candidates;
+// cpu/select.h's full histogram select when the band misses), then the L1 sums of d_i and of its masked
+// version for rescale="l1". Fused pass: each thread takes a segment (a tile, or one row for della),
+// recomputes every delta, mask and random number (Philox over lane arrays, so that it vectorizes) into a
+// K x segment scratch, elects the sign, combines and writes the output once. Extra memory: per thread
+// K x segment floats (+ della's row sort), and the band candidates (about 1% of n, at most 1/20 of the
+// input's bytes); no K x n buffers. Results do not depend on the thread count: per-element math only,
+// L1 partial sums in fixed segments.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 #include "cpu/select.h"
@@ -26,6 +30,8 @@ using merge::Model;
 
 constexpr int64_t kTile = 2048;  // fused-pass segment (K x kTile floats of scratch per thread)
 constexpr int kLanes = 8;        // L1 partial sums: fixed lanes, so the order does not depend on the ISA
+constexpr int64_t kPhiloxLanes = 64;        // counters generated together (the rounds vectorize across them)
+constexpr int64_t kParallelMin = 1 << 16;   // below this many elements a parallel region costs more than it saves
 
 template <int32_t kDtype>
 PYFUSE_INLINE float load(const void* p, int64_t i) {
@@ -58,6 +64,59 @@ void stable_ranks(Scratch& s, int64_t len) {
   for (int64_t p = 0; p < len; ++p) s.rank[s.order[p]] = static_cast<uint32_t>(p);
 }
 
+// u[l] = Philox uniform of counter (first + l, stream, purpose), l < kPhiloxLanes: philox::uniform over
+// lane arrays, so that GCC vectorizes the rounds (vpmuludq for the 32x32->64 products). Bit-identical.
+PYFUSE_INLINE void philox_uniforms(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u) {
+  uint32_t c0[kPhiloxLanes], c1[kPhiloxLanes], c2[kPhiloxLanes], c3[kPhiloxLanes];
+  for (int64_t l = 0; l < kPhiloxLanes; ++l) {
+    const uint64_t index = first + static_cast<uint64_t>(l);
+    c0[l] = static_cast<uint32_t>(index);
+    c1[l] = static_cast<uint32_t>(index >> 32);
+    c2[l] = stream;
+    c3[l] = purpose;
+  }
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int r = 0; r < 10; ++r) {
+    for (int64_t l = 0; l < kPhiloxLanes; ++l) {
+      const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2[l];
+      const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * c0[l];
+      c0[l] = static_cast<uint32_t>(pb >> 32) ^ c1[l] ^ k0;
+      c1[l] = static_cast<uint32_t>(pb);
+      c2[l] = static_cast<uint32_t>(pa >> 32) ^ c3[l] ^ k1;
+      c3[l] = static_cast<uint32_t>(pa);
+    }
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  for (int64_t l = 0; l < kPhiloxLanes; ++l) u[l] = philox::uint_to_uniform(c0[l]);
+}
+
+// masked[j] = select(masked[j], u_j < p(j)) for the Philox uniform u_j of element start + j (merge::keep_random).
+template <class ProbFn>
+PYFUSE_INLINE void keep_random_segment(const Config& c, uint32_t mi, int64_t start, int64_t len, ProbFn p,
+                                       float* masked) {
+  alignas(64) float u[kPhiloxLanes];
+  for (int64_t j0 = 0; j0 < len; j0 += kPhiloxLanes) {
+    philox_uniforms(c.seed, static_cast<uint64_t>(start + j0), mi, c.purpose, u);
+    const int64_t cnt = std::min(kPhiloxLanes, len - j0);
+    for (int64_t l = 0; l < cnt; ++l) {
+      masked[j0 + l] = merge::select(masked[j0 + l], static_cast<uint32_t>(u[l] < p(j0 + l)));
+    }
+  }
+}
+
+// merge::in_top(key, start + j, t, b) inside one segment as a 32-bit test: key > (j < split ? low : high).
+// Keys are |d| bits < 2^31, so they compare as int32; t = UINT32_MAX (nothing kept) never passes.
+struct TopCut {
+  int32_t low, high, split;
+};
+
+inline TopCut top_cut(uint32_t t, int64_t b, int64_t start, int64_t len) {
+  if (t == UINT32_MAX) return {INT32_MAX, INT32_MAX, 0};
+  const int64_t split = std::min(std::max<int64_t>(b - start, 0), len);
+  return {static_cast<int32_t>(t) - 1, static_cast<int32_t>(t), static_cast<int32_t>(split)};
+}
+
 // masked[j] = m_i at element start + j: the delta where sparsification keeps it, else 0.
 template <int32_t kDtype>
 PYFUSE_INLINE void masked_segment(const Config& c, const void* x, const Model& m, uint32_t mi, int64_t start,
@@ -65,22 +124,24 @@ PYFUSE_INLINE void masked_segment(const Config& c, const void* x, const Model& m
   const float* bt = s.base.data();
   for (int64_t j = 0; j < len; ++j) masked[j] = load<kDtype>(x, start + j) - bt[j];
   if (m.keep_all) return;
-  if (c.sparsify == merge::kMagnitude || c.sparsify == merge::kBreadcrumbs) {
-    for (int64_t j = 0; j < len; ++j) {
-      masked[j] = merge::select(masked[j], merge::keep_top(m, merge::magnitude_key(masked[j]), start + j));
+  if (c.sparsify == merge::kMagnitude || c.sparsify == merge::kBreadcrumbs) {  // merge::keep_top
+    const TopCut keep = top_cut(m.t_keep, m.b_keep, start, len), drop = top_cut(m.t_drop, m.b_drop, start, len);
+    for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
+      const int32_t key = static_cast<int32_t>(merge::magnitude_key(masked[j]));
+      const uint32_t in_keep = key > (j < keep.split ? keep.low : keep.high);
+      const uint32_t in_drop = key > (j < drop.split ? drop.low : drop.high);
+      masked[j] = merge::select(masked[j], in_keep & (in_drop ^ 1u));
     }
   } else if (c.sparsify == merge::kRandom) {
-    for (int64_t j = 0; j < len; ++j) {
-      masked[j] = merge::select(masked[j], merge::keep_random(c.seed, start + j, mi, c.purpose, m.p_keep));
-    }
+    const float p = m.p_keep;
+    keep_random_segment(c, mi, start, len, [p](int64_t) { return p; }, masked);
   } else if (c.sparsify == merge::kDella) {  // the segment is one row
     s.keys.resize(len);
     for (int64_t j = 0; j < len; ++j) s.keys[j] = merge::magnitude_key(masked[j]);
     stable_ranks(s, len);
-    for (int64_t j = 0; j < len; ++j) {
-      const float p = merge::della_prob(m, s.rank[j], len);
-      masked[j] = merge::select(masked[j], merge::keep_random(c.seed, start + j, mi, c.purpose, p));
-    }
+    const uint32_t* rank = s.rank.data();
+    keep_random_segment(c, mi, start, len, [&m, rank, len](int64_t j) { return merge::della_prob(m, rank[j], len); },
+                        masked);
   }
 }
 
@@ -152,9 +213,12 @@ PYFUSE_INLINE void l1_body(const Config& c, const void* const* x, const Model* m
   for (int32_t i = 0; i < c.k; ++i) {
     double before[kLanes] = {0}, after[kLanes] = {0};
     masked_segment<kDtype>(c, x[i], models[i], i, start, len, s, mk);
-    for (int64_t j = 0; j < len; ++j) {
-      before[j % kLanes] += static_cast<double>(std::abs(load<kDtype>(x[i], start + j) - s.base[j]));
-      after[j % kLanes] += static_cast<double>(std::abs(mk[j]));
+    for (int64_t j0 = 0; j0 < len; j0 += kLanes) {  // lane l sums the elements j = l (mod kLanes) in order
+      const int64_t cnt = std::min<int64_t>(kLanes, len - j0);
+      for (int64_t l = 0; l < cnt; ++l) {
+        before[l] += static_cast<double>(std::abs(load<kDtype>(x[i], start + j0 + l) - s.base[j0 + l]));
+        after[l] += static_cast<double>(std::abs(mk[j0 + l]));
+      }
     }
     for (int l = 0; l < kLanes; ++l) {
       sums[(i * 2) * kLanes + l] = before[l];
@@ -163,7 +227,30 @@ PYFUSE_INLINE void l1_body(const Config& c, const void* const* x, const Model* m
   }
 }
 
+// Keys |x - base| of elements [begin, begin + len) into key[] and band flags (lo <= key < hi) into flag[];
+// returns how many are flagged and adds the number of keys >= hi to *above.
+template <int32_t kDtype>
+PYFUSE_INLINE int64_t band_body(const void* x, const void* base, int64_t begin, int64_t len, uint32_t lo, uint32_t hi,
+                                uint32_t* key, uint8_t* flag, int64_t* above) {
+  uint32_t in_band = 0, over = 0;  // 32-bit counts (blocks are short): no widening in the vector loop
+  for (int64_t j = 0; j < len; ++j) {
+    const float b = base == nullptr ? 0.0f : load<kDtype>(base, begin + j);
+    const uint32_t kk = merge::magnitude_key(load<kDtype>(x, begin + j) - b);
+    key[j] = kk;
+    const uint8_t f = static_cast<uint8_t>((kk >= lo) & (kk < hi));
+    flag[j] = f;
+    in_band += f;
+    over += kk >= hi;
+  }
+  *above += over;
+  return in_band;
+}
+
 #define PYFUSE_MERGE_CLONES(suffix, dtype)                                                                     \
+  PYFUSE_CLONES int64_t band_##suffix(const void* x, const void* base, int64_t begin, int64_t len, uint32_t lo,  \
+                                      uint32_t hi, uint32_t* key, uint8_t* flag, int64_t* above) {              \
+    return band_body<dtype>(x, base, begin, len, lo, hi, key, flag, above);                                     \
+  }                                                                                                             \
   PYFUSE_CLONES void fused_##suffix(const Config& c, const void* const* x, const Model* m, int64_t start,       \
                                     int64_t len, int64_t stride, Scratch& s) {                                  \
     fused_body<dtype>(c, x, m, start, len, stride, s);                                                          \
@@ -196,8 +283,79 @@ void top_set(int64_t n, int64_t k, KeyFn key_of, uint32_t* t, int64_t* b) {
   }
 }
 
+using BandFn = int64_t (*)(const void*, const void*, int64_t, int64_t, uint32_t, uint32_t, uint32_t*, uint8_t*,
+                           int64_t*);
+
+// Candidate offsets inside one fixed chunk fit 16 bits.
+static_assert(select::kChunk <= 65536, "chunk offsets are stored as uint16");
+
+// top_set in one read of x and base: a sampled key band (select::sample_band) that holds the k-th largest
+// key; one pass counts the keys above the band and collects the band's keys (with their offsets in their
+// fixed chunk, so in flat order); the threshold is then selected exactly among those candidates. Falls
+// back to top_set (two or three reads) for small inputs, when the band misses, or with heavy ties (more
+// candidates than 1/20 of the input's bytes).
+template <int32_t kDtype, class KeyFn>
+void band_top_set(const void* x, const void* base, int64_t n, int64_t k, KeyFn key_of, BandFn band_fn, uint32_t* t,
+                  int64_t* b) {
+  constexpr int64_t kSampleMin = 1 << 18;  // below this a full histogram pass is cheap anyway
+  constexpr int64_t kBlock = 4096;         // keys and flags of a block stay in L1
+  const int64_t fit = n * dtype_size(kDtype) / 20 / 10;  // 10 bytes per candidate, 2x reserve slack
+  const select::Band band =
+      k > 0 && k < n && n >= kSampleMin ? select::sample_band<31>(n, k, key_of) : select::Band{};
+  if (band.hi == 0 || band.expected > fit) return top_set(n, k, key_of, t, b);
+  const int64_t chunks = select::num_chunks(n);
+  const int64_t reserve = band.expected / chunks * 5 / 4 + 16;
+  std::vector<std::vector<uint16_t>> offs(chunks);
+  std::vector<std::vector<uint32_t>> keys(chunks);
+  std::vector<int64_t> above_chunk(chunks, 0);
+#pragma omp parallel for schedule(static) if (chunks > 1)
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t cbegin = c * select::kChunk, cend = std::min(n, cbegin + select::kChunk);
+    offs[c].reserve(static_cast<size_t>(reserve));
+    keys[c].reserve(static_cast<size_t>(reserve));
+    alignas(64) uint32_t key[kBlock];
+    alignas(64) uint8_t flag[kBlock];
+    for (int64_t begin = cbegin; begin < cend; begin += kBlock) {
+      const int64_t len = std::min(kBlock, cend - begin);
+      if (band_fn(x, base, begin, len, band.lo, band.hi, key, flag, &above_chunk[c]) == 0) continue;
+      for (int64_t w = 0; w < len; w += 8) {  // skip unflagged elements 8 at a time (flags are 0/1 bytes)
+        uint64_t bits = 0;
+        memcpy(&bits, flag + w, static_cast<size_t>(std::min<int64_t>(8, len - w)));
+        for (; bits; bits &= bits - 1) {
+          const int64_t j = w + (__builtin_ctzll(bits) >> 3);
+          offs[c].push_back(static_cast<uint16_t>(begin + j - cbegin));
+          keys[c].push_back(key[j]);
+        }
+      }
+    }
+  }
+  int64_t above = 0, m = 0;
+  for (int64_t c = 0; c < chunks; ++c) {
+    above += above_chunk[c];
+    m += static_cast<int64_t>(offs[c].size());
+  }
+  if (above >= k || above + m < k) return top_set(n, k, key_of, t, b);  // the band missed the k-th key
+  std::vector<uint32_t> all;  // candidate keys in flat index order
+  all.reserve(static_cast<size_t>(m));
+  for (int64_t c = 0; c < chunks; ++c) all.insert(all.end(), keys[c].begin(), keys[c].end());
+  const select::Threshold th = select::select_threshold<31>(m, k - above, [&all](int64_t j) { return all[j]; });
+  *t = th.key;
+  *b = INT64_MAX;
+  if (th.equal_kept == th.equal_total) return;
+  int64_t need = th.equal_kept;  // the tie bound: one past the equal_kept-th candidate equal to t
+  for (int64_t c = 0; c < chunks; ++c) {
+    for (size_t j = 0; j < offs[c].size(); ++j) {
+      if (keys[c][j] == th.key && --need == 0) {
+        *b = c * select::kChunk + offs[c][j] + 1;
+        return;
+      }
+    }
+  }
+}
+
 template <int32_t kDtype>
-void thresholds(const Config& c, const void* const* x, const int64_t* k_keep, const int64_t* k_drop, Model* models) {
+void thresholds(const Config& c, const void* const* x, const int64_t* k_keep, const int64_t* k_drop, BandFn band_fn,
+                Model* models) {
   for (int32_t i = 0; i < c.k; ++i) {
     Model& m = models[i];
     if (m.keep_all) continue;
@@ -207,8 +365,8 @@ void thresholds(const Config& c, const void* const* x, const int64_t* k_keep, co
       const float b = base == nullptr ? 0.0f : load<kDtype>(base, j);
       return merge::magnitude_key(load<kDtype>(xi, j) - b);
     };
-    top_set(c.n, k_keep[i], key_of, &m.t_keep, &m.b_keep);
-    top_set(c.n, k_drop[i], key_of, &m.t_drop, &m.b_drop);
+    band_top_set<kDtype>(xi, base, c.n, k_keep[i], key_of, band_fn, &m.t_keep, &m.b_keep);
+    band_top_set<kDtype>(xi, base, c.n, k_drop[i], key_of, band_fn, &m.t_drop, &m.b_drop);
   }
 }
 
@@ -231,13 +389,13 @@ void merge_task_vectors(const Config& c, const void* const* x, Model* models, co
     models[i].b_keep = models[i].b_drop = 0;
   }
   if (c.sparsify == merge::kMagnitude || c.sparsify == merge::kBreadcrumbs) {
-    if (c.in_dtype == kFloat32) thresholds<kFloat32>(c, x, k_keep, k_drop, models);
-    if (c.in_dtype == kFloat16) thresholds<kFloat16>(c, x, k_keep, k_drop, models);
-    if (c.in_dtype == kBFloat16) thresholds<kBFloat16>(c, x, k_keep, k_drop, models);
+    if (c.in_dtype == kFloat32) thresholds<kFloat32>(c, x, k_keep, k_drop, band_f32, models);
+    if (c.in_dtype == kFloat16) thresholds<kFloat16>(c, x, k_keep, k_drop, band_f16, models);
+    if (c.in_dtype == kBFloat16) thresholds<kBFloat16>(c, x, k_keep, k_drop, band_bf16, models);
   }
   if (c.rescale == merge::kL1) {
     std::vector<double> partial(nseg * c.k * 2 * kLanes);
-#pragma omp parallel if (nseg > 1)
+#pragma omp parallel if (c.n >= kParallelMin)
     {
       Scratch s(1, seg);
 #pragma omp for schedule(static)
@@ -258,7 +416,7 @@ void merge_task_vectors(const Config& c, const void* const* x, Model* models, co
   }
   for (int32_t i = 0; i < c.k; ++i) models[i].alpha = models[i].weight * models[i].scale;
 
-#pragma omp parallel if (nseg > 1)
+#pragma omp parallel if (c.n >= kParallelMin)
   {
     Scratch s(c.k, seg);
 #pragma omp for schedule(static)

@@ -4,7 +4,7 @@
 // sums keep the result independent of that blocking.
 #include "pyfuse/spec_tree.h"
 
-#define PYFUSE_CLONES __attribute__((target_clones("arch=skylake-avx512", "avx2", "default")))
+#define PYFUSE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 
 namespace pyfuse {
 namespace spec_tree {

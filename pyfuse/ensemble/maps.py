@@ -58,13 +58,23 @@ class EnsembleTables:
     from_union: list  # int32 [U]
     present: torch.Tensor  # uint8 [U]: bit m set when model m has a token for the union id
     first_ids: list  # int32 [U]: rev_ids[rev_offsets[u]] or -1 (CPU fast path)
-    multi: list  # int32 [n]: union ids with several model ids (CPU fast path)
+    multi: list  # int32 [n, 2]: (union id, model id) of every model id after a union id's first (CPU fast path)
     valid_counts: tuple  # mapped ids per model
     max_mult: tuple  # longest reverse list per model
 
     @property
     def num_models(self) -> int:
         return len(self.to_union)
+
+
+def _extra_ids(offsets: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int32 [n, 2] (union id, model id) of the reverse-list entries after each list's first, in CSR order:
+    the CPU kernel adds these few to a vectorised gather of the first ids."""
+    off = offsets.to(torch.int64)
+    owner = torch.repeat_interleave(torch.arange(off.numel() - 1), off[1:] - off[:-1])
+    later = torch.ones(ids.numel(), dtype=torch.bool)
+    later[off[:-1][off[1:] > off[:-1]]] = False
+    return torch.stack([owner[later].to(torch.int32), ids[later]], dim=1).contiguous()
 
 
 def _tables(to_union, union_size: int, from_union, device) -> EnsembleTables:
@@ -83,7 +93,7 @@ def _tables(to_union, union_size: int, from_union, device) -> EnsembleTables:
         valid.append(int(ids.numel()))
         mult.append(int(counts.max()) if union_size else 0)
         for key, t in (("to_union", fwd), ("rev_offsets", off), ("rev_ids", ids), ("from_union", canon),
-                       ("first_ids", first), ("multi", torch.nonzero(counts > 1).flatten().to(torch.int32))):
+                       ("first_ids", first), ("multi", _extra_ids(off, ids))):
             fields[key].append(t.to(device))
     return EnsembleTables(union_size=union_size, present=present.to(torch.uint8).to(device),
                           valid_counts=tuple(valid), max_mult=tuple(mult), **fields)

@@ -314,7 +314,7 @@ def _native_args(ext, a: _Args, from_union=None):
     ptrs = lambda ts: [t.data_ptr() for t in ts]  # noqa: E731
     return ext.ensemble_args(
         ptrs(a.logits), [x.stride(0) for x in a.logits], [x.shape[1] for x in a.logits], ptrs(a.to_union),
-        ptrs(a.rev_offsets), ptrs(a.rev_ids), ptrs(a.first_ids), ptrs(a.multi), [t.numel() for t in a.multi],
+        ptrs(a.rev_offsets), ptrs(a.rev_ids), ptrs(a.first_ids), ptrs(a.multi), [t.shape[0] for t in a.multi],
         a.max_mult,
         ptrs(from_union or []), list(a.inv_temp), a.present.data_ptr(), a.weights.data_ptr(), a.cpat.data_ptr(),
         dtype_code(a.logits[0]), a.weights.shape[0], a.union_size, a.logprob, a.renormalize)

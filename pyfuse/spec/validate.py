@@ -3,7 +3,8 @@
 Shape/dtype checks raise at once. Checks that read tensor data (ids in the vocabulary, probability rows,
 ``cu_num_draft_tokens`` consistency) are collected in a ``ValueChecks`` and evaluated together with a single
 host sync; public functions skip them with ``validate=False`` (hot loops), in which case the kernels still
-only ever emit ids in ``[0, V)``.
+only ever emit ids in ``[0, V)``. Large CPU probability / logit tensors are checked in one pass by the
+extension (``_row_check``), which also names the offending row.
 """
 from __future__ import annotations
 
@@ -188,14 +189,13 @@ def probs_rows(checks: ValueChecks, name: str, p: torch.Tensor):
     fused = _row_check(p, logits=False)
     if fused is None:
         worst = (p.sum(dim=-1, dtype=torch.float32) - 1).abs().max()  # NaN / inf anywhere propagate here
-        lo, where = p.amin(), ""
+        lo, at_worst, at_lo = p.amin(), "", ""
     else:
         worst, worst_row, lo, lo_row = fused
-        where = f" (row {list(worst_row)})"
+        at_worst, at_lo = f" (row {list(worst_row)})", f" (row {list(lo_row)})"
     checks.add(worst, lambda v: v <= atol,
-               f"{name}: every row must be finite and sum to 1 within {atol}; worst |sum - 1| = {{}}{where}")
-    checks.add(lo, lambda v: v >= 0, f"{name} must be non-negative; found {{}}"
-               + ("" if fused is None else f" (row {list(lo_row)})"))
+               f"{name}: every row must be finite and sum to 1 within {atol}; worst |sum - 1| = {{}}{at_worst}")
+    checks.add(lo, lambda v: v >= 0, f"{name} must be non-negative; found {{}}{at_lo}")
 
 
 def logits_rows(checks: ValueChecks, name: str, logits: torch.Tensor):
