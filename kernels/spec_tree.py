@@ -176,7 +176,7 @@ def verify_tree_kernel(cand_ptr, first_ptr, sib_ptr, target_ptr, draft_ptr, batc
                     seen += 1
                 if fresh:
                     acc += _fixed(tl.load(row + x))
-                found = tl.where(threshold < acc.to(tl.float64), c, found)
+                found = tl.where(fresh & (threshold < acc.to(tl.float64)), c, found)
                 c = _next_child(sib, c, count, n)
                 count += 1
             res_p = row

@@ -21,6 +21,8 @@ def test_backends_report_every_backend_with_reason():
         assert not status["cuda"].usable
         if shutil.which("nvcc"):  # CI builds _C_cuda wherever nvcc exists: it must load, and say why it can't run
             assert status["cuda"].reason == "compiled, no CUDA device"
+    else:  # on a GPU machine both GPU backends must run: a broken build must not turn into skipped tests
+        assert status["cuda"].usable and status["triton"].usable, (status["cuda"].reason, status["triton"].reason)
 
 
 def test_selection_precedence(monkeypatch):

@@ -113,7 +113,7 @@ def test_greedy_equals_argmax_chain(backend, device, ragged, dtype):
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_greedy_zero_drafts_padded(backend, device):
     target = torch.randn(2, 1, V)
-    res = verify_greedy(torch.empty(2, 0, dtype=torch.int64), target, backend=backend)
+    res = verify_greedy(torch.empty(2, 0, dtype=torch.int64, device=device), target.to(device), backend=backend)
     assert res.token_ids.tolist() == [[int(target[0, 0].argmax())], [int(target[1, 0].argmax())]]
     assert res.num_accepted.tolist() == [0, 0]
 
@@ -201,12 +201,12 @@ def test_rejection_logits_equal_probs_path():
 
 # ---- boundaries of the accept test and the residual ------------------------------------------------------
 
-def _one_row(p_row, q_row, x, u_accept, u_sample, backend):
-    ids = torch.tensor([[x]])
-    target = torch.stack([p_row, p_row])[None]
-    uniforms = torch.tensor([[[u_accept, 0.0]], [[u_sample, u_sample]]])
-    return rejection_sample(ids, target, None if q_row is None else q_row[None, None], uniforms=uniforms,
-                            backend=backend)
+def _one_row(p_row, q_row, x, u_accept, u_sample, backend, device="cpu"):
+    ids = torch.tensor([[x]], device=device)
+    target = torch.stack([p_row, p_row])[None].to(device)
+    uniforms = torch.tensor([[[u_accept, 0.0]], [[u_sample, u_sample]]], device=device)
+    draft = None if q_row is None else q_row[None, None].to(device)
+    return rejection_sample(ids, target, draft, uniforms=uniforms, backend=backend)
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
@@ -214,12 +214,12 @@ def test_boundaries(backend, device):
     p = torch.tensor([0.0, 0.5, 0.25, 0.25])
     q = torch.tensor([0.5, 0.0, 0.25, 0.25])
     # u = 0 and p(x) = 0: reject (u * q < p is 0 < 0), and the token comes from max(0, p - q) = [0, .5, 0, 0].
-    res = _one_row(p, q, 0, 0.0, 0.3, backend)
+    res = _one_row(p, q, 0, 0.0, 0.3, backend, device)
     assert res.num_accepted.item() == 0 and res.token_ids[0, 0].item() == 1
     # q(x) = 0 < p(x): always accepted, even at the largest uniform.
-    assert _one_row(p, q, 1, 1 - 2**-24, 0.3, backend).num_accepted.item() == 1
+    assert _one_row(p, q, 1, 1 - 2**-24, 0.3, backend, device).num_accepted.item() == 1
     # One-hot draft with p(x) = 0 and u = 0: rejected; residual = p with x removed.
-    res = _one_row(p, None, 0, 0.0, 0.99, backend)
+    res = _one_row(p, None, 0, 0.0, 0.99, backend, device)
     assert res.num_accepted.item() == 0 and res.token_ids[0, 0].item() == 3
     # p / q within one ulp of u: u * q < p decides, exactly as written in float32.
     pq = torch.tensor([0.3, 0.7])
@@ -227,14 +227,14 @@ def test_boundaries(backend, device):
     ratio = torch.tensor(0.3, dtype=torch.float32) / torch.tensor(0.6, dtype=torch.float32)
     for u in (torch.nextafter(ratio, torch.tensor(0.0)), ratio, torch.nextafter(ratio, torch.tensor(1.0))):
         expected = bool(u * qq[0] < pq[0])
-        assert _one_row(pq, qq, 0, float(u), 0.5, backend).num_accepted.item() == int(expected)
+        assert _one_row(pq, qq, 0, float(u), 0.5, backend, device).num_accepted.item() == int(expected)
     # All-zero residual (p <= q everywhere, a rejection forced by u): the token is drawn from p instead.
     pz = torch.tensor([0.5, 0.5, 0.0])
     qz = torch.tensor([0.5, 0.5, 0.0])
-    res = _one_row(pz, qz, 0, 1 - 2**-24, 0.75, backend)
+    res = _one_row(pz, qz, 0, 1 - 2**-24, 0.75, backend, device)
     assert res.num_accepted.item() == 1  # p == q accepts whatever u is
     qz2 = torch.tensor([0.5, 0.5 + 2**-20, 0.0])  # p <= q, rows sum to 1 within tolerance
-    res = _one_row(pz, qz2, 1, 1 - 2**-24, 0.75, backend)
+    res = _one_row(pz, qz2, 1, 1 - 2**-24, 0.75, backend, device)
     assert res.num_accepted.item() == 0 and res.token_ids[0, 0].item() == 1  # inverse CDF of p at 0.75
 
 
@@ -253,6 +253,7 @@ def test_unvalidated_garbage_stays_in_vocab(backend, device):
     ids = torch.tensor([7, -3, 2, 4])
     cu = torch.tensor([0, 3, 1, 9], dtype=torch.int64)  # decreasing, and past T = 4
     uniforms = torch.tensor([[float("nan"), 2.0, -1.0, 0.5, 0.5, 0.5, 0.5]] * 2)
+    target, draft, ids, cu, uniforms = (t.to(device) for t in (target, draft, ids, cu, uniforms))
     for kw in (dict(seed=1), dict(uniforms=uniforms)):
         res = rejection_sample(ids, target, draft, cu_num_draft_tokens=cu, max_draft_len=2, validate=False,
                                backend=backend, **kw)
@@ -272,11 +273,12 @@ def test_request_output_independent_of_batch(backend, device):
     rows = [_probs(c + 1, V, g) for c in counts]
     drafts = [_probs(c, V, g) for c in counts]
     ids = [torch.randint(0, V, (c,), generator=g) for c in counts]
-    seeds = torch.tensor([11, 22, 33, 44, 55])
+    seeds = torch.tensor([11, 22, 33, 44, 55], device=device)
+    rows, drafts, ids = ([t.to(device) for t in ts] for ts in (rows, drafts, ids))
 
     def run(order):
         res = rejection_sample(torch.cat([ids[i] for i in order]), torch.cat([rows[i] for i in order]),
-                               torch.cat([drafts[i] for i in order]), cu_num_draft_tokens=_cu([counts[i] for i in order]),
+                               torch.cat([drafts[i] for i in order]), cu_num_draft_tokens=_cu([counts[i] for i in order]).to(device),
                                seed=seeds[order], max_draft_len=3, backend=backend)
         return {r: (res.token_ids[j].tolist(), res.num_accepted[j].item()) for j, r in enumerate(order)}
 
@@ -285,7 +287,7 @@ def test_request_output_independent_of_batch(backend, device):
         for r, out in run(order).items():
             assert out == full[r], (order, r)
     # Different seeds do change the output somewhere (the test above cannot pass by ignoring seeds).
-    other = rejection_sample(torch.cat(ids), torch.cat(rows), torch.cat(drafts), cu_num_draft_tokens=_cu(counts),
+    other = rejection_sample(torch.cat(ids), torch.cat(rows), torch.cat(drafts), cu_num_draft_tokens=_cu(counts).to(device),
                              seed=seeds + 1000, max_draft_len=3, backend=backend)
     assert other.token_ids.tolist() != [full[r][0] for r in range(5)]
 

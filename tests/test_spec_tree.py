@@ -103,9 +103,10 @@ def test_large_vocab_matches_reference(backend, device):
         _assert_equal(_run((cand, nt, ns, target, draft), mode, backend, device, seed=9), ref)
 
 
-@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
 def test_strided_and_degenerate_rows(backend, device):
-    """Non-contiguous rows, rows with NaN / all-zero probabilities (validate=False): ids stay in [0, V)."""
+    """Non-contiguous rows, rows with NaN / all-zero probabilities, out-of-vocabulary candidates and
+    uniforms outside [0, 1) (validate=False): every emitted id stays in [0, V)."""
     gen = torch.Generator().manual_seed(5)
     cand, nt, ns, target, draft = _random_case(gen, 3, 5, 6, torch.float32, device)
     wide = torch.zeros(3, 5, 12, device=device)
@@ -114,14 +115,18 @@ def test_strided_and_degenerate_rows(backend, device):
     target[0, 0] = float("nan")
     target[1] = 0.0
     draft[2, 0] = 0.0
+    cand[1, 1] = 999  # a candidate outside the vocabulary
     bad_u = torch.full((2, 3, 5), float("nan"), device=device)
     bad_u[:, 1] = 1.0  # invalid injected uniforms must still give in-range ids
+    bad_u[:, 2] = -0.5
     for mode in MODES:
         for kw in ({"seed": 3}, {"uniforms": bad_u}):
             ref = _run((cand, nt, ns, target, draft), mode, "reference", device, validate=False, **kw)
             out = _run((cand, nt, ns, target, draft), mode, backend, device, validate=False, **kw)
             _assert_equal(out, ref)
             assert ((out.bonus >= 0) & (out.bonus < 6)).all()
+            emitted = out.token_ids[out.token_ids >= 0]
+            assert (emitted < 6).all(), out.token_ids
 
 
 def test_zero_coin_rejects_zero_probability_token():

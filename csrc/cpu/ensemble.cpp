@@ -1,9 +1,9 @@
 // Union-vocabulary ensembling on the CPU. Work is split on a fixed grid, independent of the thread count:
-// model statistics over (row, model, chunk of model ids), keys over (row, tile of union ids), so one row
-// also keeps both cores busy. Partial results are maxima and fixed-point int64 sums, which are exact and
-// order-free, so every split gives the reference's bits. Keys gather the logits through the reverse index
-// (first id vectorised, the rare many-to-one ids added after, in id order) and recompute the exponentials
-// instead of storing them: the polynomial is cheaper than a round trip of a [V_m] row through memory.
+// model statistics over (row, model, chunk of model ids), keys over (row, tile of union ids); see run() for
+// how rows map to threads. Partial results are maxima and fixed-point int64 sums, which are exact and
+// order-free, so every split gives the reference's bits. The statistics pass stores each row's
+// exponentials (float32, whatever the logits dtype); keys gather them through the reverse index (first id
+// with AVX-512 gathers, the rare many-to-one ids added after, in id order).
 #include <immintrin.h>
 #include <omp.h>
 
@@ -71,40 +71,39 @@ PYFUSE_INLINE void chunk_max_t(const void* x, const int32_t* fwd, int64_t v0, in
   *at_out = at;
 }
 
-// Fixed-point sum of e_v = exp_det(y_v - mx) over the valid ids in [v0, v1).
+// Fixed-point sum of e_v = exp_det(y_v - mx) over the valid ids in [v0, v1) (0 at the others), and e_v
+// into e[v] unless e is null.
 template <int DT>
 PYFUSE_INLINE int64_t chunk_expsum_t(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t,
-                                     float mx) {
+                                     float mx, float* e) {
   int64_t s = 0;
   for (int64_t v = v0; v < v1; ++v) {
-    s += fix(ensemble::select(fwd[v] >= 0, exp_det(load_float(x, DT, v) * inv_t - mx), 0.0f));
+    const float ev = ensemble::select(fwd[v] >= 0, exp_det(load_float(x, DT, v) * inv_t - mx), 0.0f);
+    if (e) e[v] = ev;
+    s += fix(ev);
   }
   return s;
-}
-
-// E[i] = exp_det(g[i] * inv_t - mx) where first[i] >= 0, else 0 (g: the gathered logits).
-PYFUSE_HOT void exps_of(const float* g, const int32_t* first, int64_t n, float inv_t, float mx, float* E) {
-  for (int64_t i = 0; i < n; ++i) E[i] = ensemble::select(first[i] >= 0, exp_det(g[i] * inv_t - mx), 0.0f);
 }
 
 #define PYFUSE_PER_DTYPE(name, impl, DT, params, args) \
   PYFUSE_HOT auto name params { return impl<DT> args; }
 #define PYFUSE_MAX_PARAMS (const void* x, const int32_t* f, int64_t v0, int64_t v1, float* mx, int64_t* at)
-#define PYFUSE_SUM_PARAMS (const void* x, const int32_t* f, int64_t v0, int64_t v1, float t, float mx)
+#define PYFUSE_SUM_PARAMS (const void* x, const int32_t* f, int64_t v0, int64_t v1, float t, float mx, float* e)
 PYFUSE_PER_DTYPE(chunk_max_f32, chunk_max_t, kFloat32, PYFUSE_MAX_PARAMS, (x, f, v0, v1, mx, at))
 PYFUSE_PER_DTYPE(chunk_max_f16, chunk_max_t, kFloat16, PYFUSE_MAX_PARAMS, (x, f, v0, v1, mx, at))
 PYFUSE_PER_DTYPE(chunk_max_bf16, chunk_max_t, kBFloat16, PYFUSE_MAX_PARAMS, (x, f, v0, v1, mx, at))
-PYFUSE_PER_DTYPE(chunk_expsum_f32, chunk_expsum_t, kFloat32, PYFUSE_SUM_PARAMS, (x, f, v0, v1, t, mx))
-PYFUSE_PER_DTYPE(chunk_expsum_f16, chunk_expsum_t, kFloat16, PYFUSE_SUM_PARAMS, (x, f, v0, v1, t, mx))
-PYFUSE_PER_DTYPE(chunk_expsum_bf16, chunk_expsum_t, kBFloat16, PYFUSE_SUM_PARAMS, (x, f, v0, v1, t, mx))
+PYFUSE_PER_DTYPE(chunk_expsum_f32, chunk_expsum_t, kFloat32, PYFUSE_SUM_PARAMS, (x, f, v0, v1, t, mx, e))
+PYFUSE_PER_DTYPE(chunk_expsum_f16, chunk_expsum_t, kFloat16, PYFUSE_SUM_PARAMS, (x, f, v0, v1, t, mx, e))
+PYFUSE_PER_DTYPE(chunk_expsum_bf16, chunk_expsum_t, kBFloat16, PYFUSE_SUM_PARAMS, (x, f, v0, v1, t, mx, e))
 
 void chunk_max(int32_t dt, const void* x, const int32_t* f, int64_t v0, int64_t v1, float* mx, int64_t* at) {
   (dt == kFloat32 ? chunk_max_f32 : dt == kFloat16 ? chunk_max_f16 : chunk_max_bf16)(x, f, v0, v1, mx, at);
 }
 
-int64_t chunk_expsum(int32_t dt, const void* x, const int32_t* f, int64_t v0, int64_t v1, float t, float mx) {
+int64_t chunk_expsum(int32_t dt, const void* x, const int32_t* f, int64_t v0, int64_t v1, float t, float mx,
+                     float* e) {
   return (dt == kFloat32 ? chunk_expsum_f32 : dt == kFloat16 ? chunk_expsum_f16 : chunk_expsum_bf16)(x, f, v0, v1,
-                                                                                                     t, mx);
+                                                                                                     t, mx, e);
 }
 
 bool have_avx512() {
@@ -115,10 +114,9 @@ bool have_avx512() {
   return yes;
 }
 
-// g[i] = x[first[i]] (0 where first[i] < 0). GCC's generic tuning never emits gathers, hence the intrinsics
-// for float32; masked lanes load nothing.
-__attribute__((target("avx512f"))) void gather_f32_avx512(const float* x, const int32_t* first, int64_t n,
-                                                            float* g) {
+// g[i] = x[first[i]] (0 where first[i] < 0). GCC's generic tuning never emits gathers, hence the intrinsics;
+// masked lanes load nothing.
+__attribute__((target("avx512f"))) void gather_avx512(const float* x, const int32_t* first, int64_t n, float* g) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512i idx = _mm512_loadu_si512(first + i);
@@ -128,9 +126,9 @@ __attribute__((target("avx512f"))) void gather_f32_avx512(const float* x, const 
   for (; i < n; ++i) g[i] = first[i] >= 0 ? x[first[i]] : 0.0f;
 }
 
-void gather(int32_t dt, const void* x, const int32_t* first, int64_t n, float* g) {
-  if (dt == kFloat32 && have_avx512()) return gather_f32_avx512(static_cast<const float*>(x), first, n, g);
-  for (int64_t i = 0; i < n; ++i) g[i] = first[i] >= 0 ? load_float(x, dt, first[i]) : 0.0f;
+void gather(const float* x, const int32_t* first, int64_t n, float* g) {
+  if (have_avx512()) return gather_avx512(x, first, n, g);
+  for (int64_t i = 0; i < n; ++i) g[i] = first[i] >= 0 ? x[first[i]] : 0.0f;
 }
 
 PYFUSE_HOT void add_prob(float* acc, const float* E, int64_t n, float w, float inv_s) {
@@ -151,13 +149,13 @@ PYFUSE_HOT void finish_unit(const float* acc, const uint8_t* used, int64_t n, bo
 }
 
 // Per (row, model) statistics: max y, 1 / S and the lowest id of the max, at [b * M + m].
-struct Stats {
-  std::vector<float> mx, inv_s;
-  std::vector<int64_t> top;
+struct RowStats {
+  float mx[ensemble::kMaxModels], inv_s[ensemble::kMaxModels];
+  int64_t top[ensemble::kMaxModels];
 };
 
 // key(u) of one union id from the logits, operation for operation as tile_keys.
-float key_of(const Args& a, int64_t b, const Stats& st, int64_t u) {
+float key_of(const Args& a, int64_t b, const RowStats& st, int64_t u) {
   const int M = a.num_models;
   const uint8_t pat = a.present[u] & static_cast<uint8_t>((1u << M) - 1u);
   float acc = 0.0f;
@@ -166,9 +164,9 @@ float key_of(const Args& a, int64_t b, const Stats& st, int64_t u) {
     const void* x = row_ptr(a, m, b);
     float E = 0.0f;
     for (int64_t j = a.rev_offsets[m][u]; j < a.rev_offsets[m][u + 1]; ++j) {
-      E = E + exp_det(load_float(x, a.dtype, a.rev_ids[m][j]) * a.inv_temp[m] - st.mx[b * M + m]);
+      E = E + exp_det(load_float(x, a.dtype, a.rev_ids[m][j]) * a.inv_temp[m] - st.mx[m]);
     }
-    ensemble::combine_step(acc, used, a.weights[b * M + m], E * st.inv_s[b * M + m], (pat >> m) & 1, a.logprob,
+    ensemble::combine_step(acc, used, a.weights[b * M + m], E * st.inv_s[m], (pat >> m) & 1, a.logprob,
                            a.renormalize);
   }
   return ensemble::combine_finish(acc, used, a.renormalize ? a.cpat[(b << M) + pat] : 1.0f, a.logprob);
@@ -179,14 +177,15 @@ struct Extra {
   int32_t u, v;
 };
 
-// key(u) of batch row b for union ids [u0, u0 + n), n <= kTile, into key[n].
-void tile_keys(const Args& a, int64_t b, const Stats& st, int64_t u0, int64_t n, float* key) {
+// key(u) of batch row b for union ids [u0, u0 + n), n <= kTile, into key[n], from the row's exponentials
+// e[m] [V_m].
+void tile_keys(const Args& a, int64_t b, const RowStats& st, float* const* e, int64_t u0, int64_t n, float* key) {
   const int M = a.num_models;
   const float* w = a.weights + b * M;
   const float* cpat = a.cpat + b * (int64_t{1} << M);
   const uint8_t mask = static_cast<uint8_t>((1u << M) - 1u);
   const uint8_t* present = a.present + u0;
-  float g[kTile], E[kTile], tile_acc[kTile];
+  float E[kTile], tile_acc[kTile];
   uint8_t used[kTile];
   // Mode "prob" + absent "zero": the key is the sum itself, accumulated in place.
   const bool direct = !a.logprob && !a.renormalize;
@@ -194,21 +193,18 @@ void tile_keys(const Args& a, int64_t b, const Stats& st, int64_t u0, int64_t n,
   std::fill(acc, acc + n, 0.0f);
   std::fill(used, used + n, uint8_t{0});
   for (int m = 0; m < M; ++m) {
-    const void* x = row_ptr(a, m, b);
-    const float mx = st.mx[b * M + m], inv_t = a.inv_temp[m];
-    gather(a.dtype, x, a.first_ids[m] + u0, n, g);
-    exps_of(g, a.first_ids[m] + u0, n, inv_t, mx, E);
+    gather(e[m], a.first_ids[m] + u0, n, E);
     // Many-to-one union ids: the other model ids, as (union id, model id) pairs in ascending order.
     const Extra* extra = reinterpret_cast<const Extra*>(a.multi[m]);
     const Extra* end = extra + a.num_multi[m];
-    for (const Extra* e = std::lower_bound(extra, end, u0, [](const Extra& p, int64_t u) { return p.u < u; });
-         e < end && e->u < u0 + n; ++e) {
-      E[e->u - u0] = E[e->u - u0] + exp_det(load_float(x, a.dtype, e->v) * inv_t - mx);
+    for (const Extra* p = std::lower_bound(extra, end, u0, [](const Extra& q, int64_t u) { return q.u < u; });
+         p < end && p->u < u0 + n; ++p) {
+      E[p->u - u0] = E[p->u - u0] + e[m][p->v];
     }
     if (!a.logprob) {
-      add_prob(acc, E, n, w[m], st.inv_s[b * M + m]);
+      add_prob(acc, E, n, w[m], st.inv_s[m]);
     } else if (w[m] > 0.0f) {
-      add_logprob(acc, used, E, present, n, w[m], st.inv_s[b * M + m], m, a.renormalize);
+      add_logprob(acc, used, E, present, n, w[m], st.inv_s[m], m, a.renormalize);
     }
   }
   if (a.renormalize) {
@@ -286,8 +282,10 @@ struct Phase {
 // phase (a row's logits stay in its core's cache and no barrier is needed); otherwise every phase is split
 // over all (row, item) pairs with a barrier between phases, so a single row uses every core. Items only
 // write their own outputs and phases reduce with max / integer sums, so both give the same bits.
+bool row_mode(int64_t batch) { return batch >= omp_get_max_threads(); }
+
 void run(int64_t batch, const std::vector<Phase>& phases) {
-  if (batch >= omp_get_max_threads()) {
+  if (row_mode(batch)) {
 #pragma omp parallel for schedule(dynamic, 1)
     for (int64_t b = 0; b < batch; ++b) {
       for (const Phase& p : phases) {
@@ -349,12 +347,12 @@ void candidates_above(const Args& a, int m, int64_t b, float thr, float thr_mult
 // of the models' top-1 ids, a union id can reach tau only if some model has w_m * P_m(u) >= tau / M, i.e.
 // e_v >= tau / (M * w_m * inv_s_m) for one of its ids (many-to-one ids are always checked). Half that
 // threshold leaves room for rounding; the candidates' keys are computed exactly as in tile_keys.
-int64_t greedy_prob_zero(const Args& a, int64_t b, const Stats& st, std::vector<int64_t>& cand, float* best_key) {
+int64_t greedy_prob_zero(const Args& a, int64_t b, const RowStats& st, std::vector<int64_t>& cand, float* best_key) {
   const int M = a.num_models;
   const float* w = a.weights + b * M;
   cand.clear();
   for (int m = 0; m < M; ++m) {
-    if (st.top[b * M + m] >= 0 && w[m] > 0.0f) cand.push_back(a.to_union[m][st.top[b * M + m]]);
+    if (st.top[m] >= 0 && w[m] > 0.0f) cand.push_back(a.to_union[m][st.top[m]]);
   }
   float tau = 0.0f;
   for (int64_t u : cand) tau = std::max(tau, key_of(a, b, st, u));
@@ -365,9 +363,9 @@ int64_t greedy_prob_zero(const Args& a, int64_t b, const Stats& st, std::vector<
   for (int m = 0; m < M; ++m) {
     if (!(w[m] > 0.0f)) continue;
     // e_v >= thr  <=>  y_v >= mx + log(thr); 0.01 more slack for the rounding of y and exp_det.
-    const double thr = 0.5 * tau / (static_cast<double>(M) * w[m] * st.inv_s[b * M + m]);
+    const double thr = 0.5 * tau / (static_cast<double>(M) * w[m] * st.inv_s[m]);
     // A union id with n model ids needs one of them at >= thr / n.
-    const double ythr = st.mx[b * M + m] + std::log(thr) - 0.01;
+    const double ythr = st.mx[m] + std::log(thr) - 0.01;
     candidates_above(a, m, b, static_cast<float>(ythr),
                      static_cast<float>(ythr - std::log(static_cast<double>(std::max<int64_t>(a.max_mult[m], 1)))),
                      cand);
@@ -391,69 +389,96 @@ struct Work {
   Grid grid;
   std::vector<float> pmax;
   std::vector<int64_t> pat, psum;
-  Stats st;
   std::vector<float> tmax;
   std::vector<int64_t> targ, tsum;
   RowKeys rk;
-  explicit Work(const Args& args)
+  // Exponential rows (float32, sum of V_m per slot): one slot per thread with whole rows per thread, else
+  // one per row; none when only the statistics are needed.
+  int64_t slot_size = 0, model_off[ensemble::kMaxModels] = {};
+  std::vector<float> exps;
+  Work(const Args& args, bool store_exps)
       : a(args), grid(args), pmax(grid.stat_items()), pat(grid.stat_items()), psum(grid.stat_items()),
         tmax(grid.key_items()), targ(grid.key_items()), tsum(grid.key_items()) {
-    const size_t bm = static_cast<size_t>(a.batch) * a.num_models;
-    st.mx.resize(bm);
-    st.inv_s.resize(bm);
-    st.top.resize(bm);
+    for (int m = 0; m < a.num_models; ++m) {
+      model_off[m] = slot_size;
+      slot_size += a.vocab[m];
+    }
+    if (store_exps) exps.resize(slot_size * slots());
     rk.kmax.resize(a.batch);
     rk.inv_z.resize(a.batch);
     rk.best.resize(a.batch);
     rk.z.resize(a.batch);
   }
 
+  float* exps_of(int64_t b, int m) {
+    if (exps.empty()) return nullptr;
+    return exps.data() + slot(b) * slot_size + model_off[m];
+  }
+
+  // Per-call scratch rows: one per thread when threads take whole rows, else one per row.
+  int64_t slots() const { return row_mode(a.batch) ? omp_get_max_threads() : a.batch; }
+  int64_t slot(int64_t b) const { return row_mode(a.batch) ? omp_get_thread_num() : b; }
+
   // Statistics items of row b's model m: [first, last).
   int64_t first_chunk(int64_t b, int64_t m) const { return b * grid.chunks_per_row + grid.chunk_start[m]; }
   int64_t last_chunk(int64_t b, int64_t m) const { return b * grid.chunks_per_row + grid.chunk_start[m + 1]; }
 
-  // Fills st for every (row, model): chunk maxima, their reduction, chunk sums, their reduction.
+  // Max y of row b's model m and the lowest id of the max, from the chunk maxima (in id order: strict > keeps
+  // the lowest id).
+  void row_max(int64_t b, int m, float* mx_out, int64_t* top) const {
+    float mx = kNegInf;
+    int64_t at = -1;
+    for (int64_t i = first_chunk(b, m); i < last_chunk(b, m); ++i) {
+      at = pmax[i] > mx ? pat[i] : at;
+      mx = pmax[i] > mx ? pmax[i] : mx;
+    }
+    *mx_out = mx * a.inv_temp[m];
+    *top = at;
+  }
+
+  // Row b's statistics, from the chunk results (a few values per model: recomputed where needed rather
+  // than stored, which would cost a barrier).
+  RowStats row_stats(int64_t b) const {
+    RowStats st;
+    for (int m = 0; m < a.num_models; ++m) {
+      row_max(b, m, &st.mx[m], &st.top[m]);
+      int64_t s = 0;
+      for (int64_t i = first_chunk(b, m); i < last_chunk(b, m); ++i) s += psum[i];
+      st.inv_s[m] = unfix_recip(s);
+    }
+    return st;
+  }
+
+  // Chunk maxima, then chunk sums (and exponentials, when stored).
   void stats_phases(std::vector<Phase>& out) {
-    const int M = a.num_models;
     out.push_back({grid.chunks_per_row, [this](int64_t i) {
                      int64_t b, v0, v1;
                      int m;
                      grid.stat_item(i, &b, &m, &v0, &v1);
                      chunk_max(a.dtype, row_ptr(a, m, b), a.to_union[m], v0, v1, &pmax[i], &pat[i]);
                    }});
-    out.push_back({M, [this, M](int64_t bm) {
-                     const int64_t b = bm / M, m = bm % M;
-                     float mx = kNegInf;
-                     int64_t at = -1;
-                     for (int64_t i = first_chunk(b, m); i < last_chunk(b, m); ++i) {
-                       at = pmax[i] > mx ? pat[i] : at;  // chunks in id order: strict keeps the lowest id
-                       mx = pmax[i] > mx ? pmax[i] : mx;
-                     }
-                     st.mx[bm] = mx * a.inv_temp[m];
-                     st.top[bm] = at;
-                   }});
-    out.push_back({grid.chunks_per_row, [this, M](int64_t i) {
-                     int64_t b, v0, v1;
+    out.push_back({grid.chunks_per_row, [this](int64_t i) {
+                     int64_t b, v0, v1, top;
                      int m;
                      grid.stat_item(i, &b, &m, &v0, &v1);
-                     psum[i] = chunk_expsum(a.dtype, row_ptr(a, m, b), a.to_union[m], v0, v1, a.inv_temp[m],
-                                            st.mx[b * M + m]);
-                   }});
-    out.push_back({M, [this, M](int64_t bm) {
-                     int64_t s = 0;
-                     for (int64_t i = first_chunk(bm / M, bm % M); i < last_chunk(bm / M, bm % M); ++i) s += psum[i];
-                     st.inv_s[bm] = unfix_recip(s);
+                     float mx;
+                     row_max(b, m, &mx, &top);
+                     psum[i] = chunk_expsum(a.dtype, row_ptr(a, m, b), a.to_union[m], v0, v1, a.inv_temp[m], mx,
+                                            exps_of(b, m));
                    }});
   }
 
-  // Keys of every (row, union id) into out [B, U]; when `scores`, turned into scores r in place
-  // (logprob: exp_det(key - max key)) with the row's first maximum key and Z in rk.
-  void key_phases(std::vector<Phase>& out, float* keys, bool scores) {
+  // Keys of every (row, union id) into keys [B, U] (per_slot: [slots, U], row b at slot(b)); when `scores`,
+  // turned into scores r in place (logprob: exp_det(key - max key)) with the row's first maximum key and Z
+  // in rk.
+  void key_phases(std::vector<Phase>& out, float* keys, bool per_slot, bool scores) {
     const int64_t U = a.union_size, T = grid.tiles;
-    out.push_back({T, [this, keys, scores, U, T](int64_t i) {
+    out.push_back({T, [this, keys, per_slot, scores, U, T](int64_t i) {
                      const int64_t b = i / T, u0 = (i % T) * kTile, n = std::min(kTile, U - u0);
-                     float* key = keys + b * U + u0;
-                     tile_keys(a, b, st, u0, n, key);
+                     float* key = keys + (per_slot ? slot(b) : b) * U + u0;
+                     float* e[ensemble::kMaxModels];
+                     for (int m = 0; m < a.num_models; ++m) e[m] = exps_of(b, m);
+                     tile_keys(a, b, row_stats(b), e, u0, n, key);
                      if (!scores) return;
                      tmax[i] = max_of(key, n);
                      targ[i] = u0 + (std::find(key, key + n, tmax[i]) - key);
@@ -471,10 +496,11 @@ struct Work {
                      rk.best[b] = at;
                    }});
     if (a.logprob) {
-      out.push_back({T, [this, keys, U, T](int64_t i) {
+      out.push_back({T, [this, keys, per_slot, U, T](int64_t i) {
                        const int64_t b = i / T, u0 = (i % T) * kTile, n = std::min(kTile, U - u0);
-                       exp_scores(keys + b * U + u0, n, rk.kmax[b]);
-                       tsum[i] = fix_sum(keys + b * U + u0, n);
+                       float* r = keys + (per_slot ? slot(b) : b) * U + u0;
+                       exp_scores(r, n, rk.kmax[b]);
+                       tsum[i] = fix_sum(r, n);
                      }});
     }
     out.push_back({1, [this, T](int64_t b) {
@@ -491,10 +517,10 @@ struct Work {
 void union_probs(const Args& a, float* out) {
   const bool normalize = a.logprob || a.renormalize;  // mode "prob" + absent "zero" already sums to 1
   const int64_t U = a.union_size, T = (U + kTile - 1) / kTile;
-  Work w(a);
+  Work w(a, true);
   std::vector<Phase> phases;
   w.stats_phases(phases);
-  w.key_phases(phases, out, normalize);
+  w.key_phases(phases, out, false, normalize);
   if (normalize) {
     phases.push_back({T, [&](int64_t i) {
                         const int64_t b = i / T, u0 = (i % T) * kTile;
@@ -504,26 +530,26 @@ void union_probs(const Args& a, float* out) {
   run(a.batch, phases);
 }
 
-// Greedy "prob"/"zero" rows never touch the union; the other cases compute every score into a [B, U]
-// scratch (as union_probs) and pick from it.
+// Greedy "prob"/"zero" rows never touch the union; the other cases compute a row's scores (as union_probs)
+// into a [U] scratch row (one per thread, or per row with fewer rows than threads) and pick from it.
 void next_token(const Args& a, bool greedy, uint64_t seed, uint32_t stream, int64_t* union_ids, int64_t* model_ids,
                 float* prob) {
   const int64_t U = a.union_size;
   const bool normalize = a.logprob || a.renormalize;
   const bool fast = greedy && !normalize;
-  Work w(a);
-  std::vector<float> score(fast ? 0 : static_cast<size_t>(a.batch) * U);
+  Work w(a, !fast);
+  std::vector<float> score(fast ? 0 : static_cast<size_t>(w.slots()) * U);
   std::vector<Phase> phases;
   w.stats_phases(phases);
-  if (!fast) w.key_phases(phases, score.data(), true);
+  if (!fast) w.key_phases(phases, score.data(), true, true);
   phases.push_back({1, [&](int64_t b) {
                       int64_t chosen = -1;
                       float p = 0.0f;
                       if (fast) {
                         std::vector<int64_t> cand;
-                        chosen = greedy_prob_zero(a, b, w.st, cand, &p);
+                        chosen = greedy_prob_zero(a, b, w.row_stats(b), cand, &p);
                       } else {
-                        const float* r = score.data() + b * U;
+                        const float* r = score.data() + w.slot(b) * U;
                         const float inv_z = normalize ? w.rk.inv_z[b] : 1.0f;
                         if (greedy) {
                           const bool no_key = a.logprob ? !(w.rk.kmax[b] > kNegInf) : !(w.rk.kmax[b] > 0.0f);

@@ -32,6 +32,8 @@ constexpr int64_t kTile = 2048;  // fused-pass segment (K x kTile floats of scra
 constexpr int kLanes = 8;        // L1 partial sums: fixed lanes, so the order does not depend on the ISA
 constexpr int64_t kPhiloxLanes = 64;        // counters generated together (the rounds vectorize across them)
 constexpr int64_t kParallelMin = 1 << 16;   // below this many elements a parallel region costs more than it saves
+// Parallel loops hand out work dynamically (8 segments, or one 64K chunk, at a time): on a shared machine a
+// preempted thread must not hold the others at the barrier. Results never depend on who computes what.
 
 template <int32_t kDtype>
 PYFUSE_INLINE float load(const void* p, int64_t i) {
@@ -165,35 +167,54 @@ PYFUSE_INLINE void fused_body(const Config& c, const void* const* x, const Model
   uint32_t* flip = s.flip.data();
   float* acc = s.acc.data();
   float* q = s.q.data();
-  std::fill(flip, flip + len, 0u);
-  if (c.consensus != merge::kConsensusNone) {
-    std::fill(total, total + len, 0.0f);
+  // Scalars copied into locals and restrict pointers: a float store could otherwise alias the Model and
+  // Config floats, which keeps GCC from vectorizing these loops.
+  float* __restrict tot = total;
+  float* __restrict ac = acc;
+  float* __restrict qq = q;
+  uint32_t* __restrict fl = flip;
+  const int32_t consensus = c.consensus, normalize = c.normalize;
+  const bool vote = consensus != merge::kConsensusNone;
+  const bool agree_q = normalize == merge::kAgreeWeight || normalize == merge::kAgreeCount;
+  std::fill(fl, fl + len, 0u);
+  if (vote) {
+    std::fill(tot, tot + len, 0.0f);
     for (int32_t i = 0; i < c.k; ++i) {
-      const float* mk = &s.masked[i * stride];
-      for (int64_t j = 0; j < len; ++j) {
-        total[j] += merge::election_term(merge::election_input(models[i], mk[j], c.weighted), c.consensus);
+      const float* __restrict mk = &s.masked[i * stride];
+      const float f = c.weighted ? models[i].alpha : models[i].scale;  // merge::election_input
+      if (consensus == merge::kCount) {
+        for (int64_t j = 0; j < len; ++j) tot[j] += merge::election_term(merge::mul_rn(f, mk[j]), merge::kCount);
+      } else {
+        for (int64_t j = 0; j < len; ++j) tot[j] += merge::election_term(merge::mul_rn(f, mk[j]), merge::kSum);
       }
     }
-    for (int64_t j = 0; j < len; ++j) flip[j] = merge::flip_of(total[j]);
+    for (int64_t j = 0; j < len; ++j) fl[j] = merge::flip_of(tot[j]);
   }
-  std::fill(acc, acc + len, 0.0f);
-  std::fill(q, q + len, c.normalize == merge::kAllWeight ? c.all_weight_q : 0.0f);
-  const bool vote = c.consensus != merge::kConsensusNone;
-  const bool agree_q = c.normalize == merge::kAgreeWeight || c.normalize == merge::kAgreeCount;
+  std::fill(ac, ac + len, 0.0f);
+  std::fill(qq, qq + len, normalize == merge::kAllWeight ? c.all_weight_q : 0.0f);
   for (int32_t i = 0; i < c.k; ++i) {
-    const Model& m = models[i];
-    const float* mk = &s.masked[i * stride];
-    const float dq = merge::divisor_term(m, c.normalize);
+    const float* __restrict mk = &s.masked[i * stride];
+    const float alpha = models[i].alpha, f = c.weighted ? models[i].alpha : models[i].scale;
+    const float dq = merge::divisor_term(models[i], normalize);
+    if (!vote) {
+      for (int64_t j = 0; j < len; ++j) ac[j] += merge::mul_rn(alpha, mk[j]);
+      if (agree_q) {
+        for (int64_t j = 0; j < len; ++j) qq[j] += dq;
+      }
+      continue;
+    }
     for (int64_t j = 0; j < len; ++j) {
-      const float v = merge::mul_rn(m.alpha, mk[j]);
-      const uint32_t a = vote ? merge::agrees(merge::election_input(m, mk[j], c.weighted), flip[j]) : 1u;
-      acc[j] += merge::select(v, a);
-      if (agree_q) q[j] += merge::select(dq, a);
+      const uint32_t a = merge::agrees(merge::mul_rn(f, mk[j]), fl[j]);
+      ac[j] += merge::select(merge::mul_rn(alpha, mk[j]), a);
+    }
+    if (agree_q) {
+      for (int64_t j = 0; j < len; ++j) qq[j] += merge::select(dq, merge::agrees(merge::mul_rn(f, mk[j]), fl[j]));
     }
   }
-  float* res = s.res.data();
-  const float* bt = s.base.data();
-  for (int64_t j = 0; j < len; ++j) res[j] = merge::finish(acc[j], q[j], c.normalize, c.lam, bt[j]);
+  float* __restrict res = s.res.data();
+  const float* __restrict bt = s.base.data();
+  const float lam = c.lam;
+  for (int64_t j = 0; j < len; ++j) res[j] = merge::finish(ac[j], qq[j], normalize, lam, bt[j]);
   if (c.out_dtype == kFloat32) {
     float* out = static_cast<float*>(c.out) + start;
     for (int64_t j = 0; j < len; ++j) out[j] = res[j];
@@ -308,7 +329,7 @@ void band_top_set(const void* x, const void* base, int64_t n, int64_t k, KeyFn k
   std::vector<std::vector<uint16_t>> offs(chunks);
   std::vector<std::vector<uint32_t>> keys(chunks);
   std::vector<int64_t> above_chunk(chunks, 0);
-#pragma omp parallel for schedule(static) if (chunks > 1)
+#pragma omp parallel for schedule(dynamic) if (chunks > 1)
   for (int64_t c = 0; c < chunks; ++c) {
     const int64_t cbegin = c * select::kChunk, cend = std::min(n, cbegin + select::kChunk);
     offs[c].reserve(static_cast<size_t>(reserve));
@@ -398,7 +419,7 @@ void merge_task_vectors(const Config& c, const void* const* x, Model* models, co
 #pragma omp parallel if (c.n >= kParallelMin)
     {
       Scratch s(1, seg);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
       for (int64_t g = 0; g < nseg; ++g) {
         l1(c, x, models, g * seg, std::min(seg, c.n - g * seg), s, &partial[g * c.k * 2 * kLanes]);
       }
@@ -419,7 +440,7 @@ void merge_task_vectors(const Config& c, const void* const* x, Model* models, co
 #pragma omp parallel if (c.n >= kParallelMin)
   {
     Scratch s(c.k, seg);
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, 8)
     for (int64_t g = 0; g < nseg; ++g) fused(c, x, models, g * seg, std::min(seg, c.n - g * seg), seg, s);
   }
 }

@@ -144,7 +144,8 @@ def union_probs(logits, vmap, weights=None, *, temperature=1.0, mode: str = "pro
     geometric mean (product of experts), renormalised. absent "zero": a model lacking a union id gives it
     probability 0; "renormalize": that id's weights are renormalised over the models having it. The result
     is renormalised to sum 1 (up to fp32 rounding); exact definition in pyfuse.reference.ensemble.
-    Extra memory: O(V_m) per thread (CPU) / O(B * tiles) (GPU), plus the output.
+    Extra memory: sum of V_m floats per thread, or per row when B < threads (CPU) / O(B * tiles) (GPU), plus
+    the output.
     """
     args, tables, name = _prepare(logits, vmap, weights, temperature, mode, absent, backend)
     return torch.ops.pyfuse.union_probs(*args, name)
@@ -183,6 +184,8 @@ def next_token(logits, vmap, weights=None, *, greedy: bool = True, seed: int | N
     integer comparisons only, so every backend picks the same id. Pass the decoding step as ``stream`` for
     fresh draws each step. model_ids[b, m] = from_union[m][union_id] (-1 where model m has no single token).
     A row where no union id has positive probability gets union id -1 and prob 0.
+    Extra memory (CPU): greedy with mode "prob", absent "zero" reads the logits only; the other cases hold one
+    row's exponentials and scores (sum of V_m + U floats) per thread, or per row when B < threads.
     """
     if not isinstance(greedy, bool):
         raise TypeError(f"greedy must be a bool, got {type(greedy).__name__}")

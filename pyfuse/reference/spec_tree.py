@@ -98,9 +98,9 @@ def _walk_row(cand, first, sibling, target, draft, mode, max_depth, u, u_final):
                 if 0 <= x < vocab and x not in tried:
                     acc += int(w[x])
                     tried.append(x)
-                if threshold < acc:
-                    found = c
-                    break
+                    if threshold < acc:  # only a fresh in-vocabulary candidate is ever accepted
+                        found = c
+                        break
             if found is None:
                 rejected = w.clone()
                 rejected[tried] = 0

@@ -75,7 +75,9 @@ def _forward(model, cache, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _crop(cache, length: int):
-    cache.crop(min(0, length - cache.get_seq_length()))  # drops the tokens past `length`, if any
+    drop = cache.get_seq_length() - length
+    if drop > 0:  # never crop(0): transformers 4.x reads it as "keep nothing"
+        cache.crop(-drop)
 
 
 def _draw(logits: torch.Tensor, temperature: float, seed: int, offset: int) -> int:

@@ -123,7 +123,9 @@ def _check_values(candidates, next_token, next_sibling, target, draft, mode, voc
         checks.add(parents[:, :n].max(), lambda v: v <= 1,
                    "the tree has a node reached by {:.0f} links (a cycle or a shared child): a node may be the "
                    "first child or the next sibling of at most one node")
-    if mode != "greedy":
+    if mode == "greedy":  # greedy takes logits or probabilities: rows must be free of NaN and +inf
+        SV.logits_rows(checks, "target_probs", target)
+    else:
         SV.probs_rows(checks, "target_probs", target)
     if draft is not None:
         SV.probs_rows(checks, "draft_probs", draft)

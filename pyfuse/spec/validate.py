@@ -90,8 +90,9 @@ def chain_layout(draft_token_ids, target, target_name: str, cu_num_draft_tokens,
                              f"B = {batch} requests); got {list(target.shape)}")
         width = check_max_draft_len(max_draft_len, total) + 1
         layout = ChainLayout(batch, target.shape[-1], total, width, True)
-    if layout.vocab < 1:
-        raise ValueError(f"{target_name} must have a vocabulary dimension V >= 1")
+    if not 1 <= layout.vocab < MAX_VOCAB:
+        raise ValueError(f"{target_name} must have a vocabulary dimension 1 <= V < 2**23 (the fixed-point "
+                         f"row sums of the kernels are exact only below it); got V = {layout.vocab}")
     return layout
 
 
@@ -146,6 +147,9 @@ def check_uniforms(name: str, uniforms, target: torch.Tensor) -> torch.Tensor:
 
 
 # ---- data-dependent checks (ValueChecks) ----------------------------------------------------------------
+
+MAX_VOCAB = 1 << 23  # csrc/include/pyfuse/spec_chain.h: 2^40-scaled weights summed over V entries fit in int64
+
 
 def ids_in_vocab(checks: ValueChecks, name: str, ids: torch.Tensor, vocab: int):
     if ids.numel() == 0:

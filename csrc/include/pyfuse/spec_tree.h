@@ -231,7 +231,8 @@ PYFUSE_HD void walk(const Row& r, Vocab& vocab) {
         int64_t seen = 1;
         for (int64_t e = r.first_child(cur); e != c && fresh; e = r.next_child(e, seen++)) fresh = r.cand[e] != x;
         if (fresh) acc += w(x);
-        if (threshold < static_cast<double>(acc)) found = c;
+        // Only a fresh in-vocabulary candidate can be accepted, whatever the coin (validate=False inputs).
+        if (fresh && threshold < static_cast<double>(acc)) found = c;
       }
       if (found < 0) {
         residual = w;
