@@ -136,4 +136,18 @@ def call_kernel(op: str, backend: str, *args):
     except KeyError:
         have = sorted(b for (o, b) in _kernels if o == op)
         raise BackendError(f"op {op!r} has no {backend!r} kernel (available: {have})") from None
+    if backend in ("cuda", "triton"):
+        # Kernels launch on the current device: make it the inputs' device (tensors may live on cuda:1).
+        device = next((a.device for a in _flat(args) if isinstance(a, torch.Tensor) and a.is_cuda), None)
+        if device is not None:
+            with torch.cuda.device(device):
+                return fn(*args)
     return fn(*args)
+
+
+def _flat(args):
+    for a in args:
+        if isinstance(a, (list, tuple)):
+            yield from a
+        else:
+            yield a

@@ -420,3 +420,10 @@ def test_torch_compile_fullgraph():
 def test_exported_in_package():
     assert pyfuse.spec.rejection_sample is rejection_sample
     assert pyfuse.spec.SpecOutput is SpecOutput
+
+
+def test_seed_and_uniforms_together_is_an_error():
+    target = torch.full((1, 2, 4), 0.25)
+    ids = torch.tensor([[1]])
+    with pytest.raises(ValueError, match="seed or uniforms"):
+        rejection_sample(ids, target, seed=1, uniforms=torch.rand(2, 1, 2))

@@ -82,6 +82,8 @@ def rejection_sample(draft_token_ids, target_probs=None, draft_probs=None, *, ta
         V.check_uniforms("uniforms", uniforms, target)
     device = _validate.check_same_device(draft_token_ids=draft_token_ids, target=target, draft=draft,
                                          cu_num_draft_tokens=cu_num_draft_tokens, uniforms=uniforms)
+    if uniforms is not None and seed is not None:
+        raise ValueError("pass seed or uniforms, not both: injected uniforms replace the seeded draws")
     seed, seeds = (0, None) if uniforms is not None else V.check_seed_arg(seed, layout.batch, device)
     if validate:
         checks = _common_checks(draft_token_ids, layout, cu_num_draft_tokens)

@@ -82,6 +82,8 @@ def verify_tree(candidates, retrive_next_token, retrive_next_sibling, target_pro
     device = V.check_same_device(candidates=candidates, retrive_next_token=retrive_next_token,
                                  retrive_next_sibling=retrive_next_sibling, target_probs=target_probs,
                                  draft_probs=draft_probs)
+    if uniforms is not None and seed is not None:
+        raise ValueError("pass seed or uniforms, not both: injected uniforms replace the seeded draws")
     seed_int, seeds = (0, None) if uniforms is not None else SV.check_seed_arg(seed, batch, device)
     if uniforms is not None:
         V.check_tensor("uniforms", uniforms, dtypes=(torch.float32,))
