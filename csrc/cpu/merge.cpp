@@ -14,6 +14,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/philox_lanes.h"
 #include "cpu/select.h"
 #include "pyfuse/merge.h"
 
@@ -30,7 +31,6 @@ using merge::Model;
 
 constexpr int64_t kTile = 2048;  // fused-pass segment (K x kTile floats of scratch per thread)
 constexpr int kLanes = 8;        // L1 partial sums: fixed lanes, so the order does not depend on the ISA
-constexpr int64_t kPhiloxLanes = 64;        // counters generated together (the rounds vectorize across them)
 constexpr int64_t kParallelMin = 1 << 16;   // below this many elements a parallel region costs more than it saves
 // Parallel loops hand out work dynamically (8 segments, or one 64K chunk, at a time): on a shared machine a
 // preempted thread must not hold the others at the barrier. Results never depend on who computes what.
@@ -66,40 +66,13 @@ void stable_ranks(Scratch& s, int64_t len) {
   for (int64_t p = 0; p < len; ++p) s.rank[s.order[p]] = static_cast<uint32_t>(p);
 }
 
-// u[l] = Philox uniform of counter (first + l, stream, purpose), l < kPhiloxLanes: philox::uniform over
-// lane arrays, so that GCC vectorizes the rounds (vpmuludq for the 32x32->64 products). Bit-identical.
-PYFUSE_INLINE void philox_uniforms(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u) {
-  uint32_t c0[kPhiloxLanes], c1[kPhiloxLanes], c2[kPhiloxLanes], c3[kPhiloxLanes];
-  for (int64_t l = 0; l < kPhiloxLanes; ++l) {
-    const uint64_t index = first + static_cast<uint64_t>(l);
-    c0[l] = static_cast<uint32_t>(index);
-    c1[l] = static_cast<uint32_t>(index >> 32);
-    c2[l] = stream;
-    c3[l] = purpose;
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    for (int64_t l = 0; l < kPhiloxLanes; ++l) {
-      const uint64_t pb = static_cast<uint64_t>(0xCD9E8D57u) * c2[l];
-      const uint64_t pa = static_cast<uint64_t>(0xD2511F53u) * c0[l];
-      c0[l] = static_cast<uint32_t>(pb >> 32) ^ c1[l] ^ k0;
-      c1[l] = static_cast<uint32_t>(pb);
-      c2[l] = static_cast<uint32_t>(pa >> 32) ^ c3[l] ^ k1;
-      c3[l] = static_cast<uint32_t>(pa);
-    }
-    k0 += 0x9E3779B9u;
-    k1 += 0xBB67AE85u;
-  }
-  for (int64_t l = 0; l < kPhiloxLanes; ++l) u[l] = philox::uint_to_uniform(c0[l]);
-}
-
 // masked[j] = select(masked[j], u_j < p(j)) for the Philox uniform u_j of element start + j (merge::keep_random).
 template <class ProbFn>
 PYFUSE_INLINE void keep_random_segment(const Config& c, uint32_t mi, int64_t start, int64_t len, ProbFn p,
                                        float* masked) {
   alignas(64) float u[kPhiloxLanes];
   for (int64_t j0 = 0; j0 < len; j0 += kPhiloxLanes) {
-    philox_uniforms(c.seed, static_cast<uint64_t>(start + j0), mi, c.purpose, u);
+    philox_uniform_lanes(c.seed, static_cast<uint64_t>(start + j0), mi, c.purpose, u);
     const int64_t cnt = std::min(kPhiloxLanes, len - j0);
     for (int64_t l = 0; l < cnt; ++l) {
       masked[j0 + l] = merge::select(masked[j0 + l], static_cast<uint32_t>(u[l] < p(j0 + l)));
