@@ -47,6 +47,18 @@ def dtype_code(t: torch.Tensor) -> int:
         raise TypeError(f"expected a float32, float16 or bfloat16 tensor, got {t.dtype}") from None
 
 
+HUGEPAGE_MIN_BYTES = 8 << 20
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """torch.empty for a kernel's output. On CPU, large outputs get transparent huge pages before their first
+    touch: in this project's measurements page faults of a fresh 64 MiB output cost as much as the kernel."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if out.device.type == "cpu" and out.nbytes >= HUGEPAGE_MIN_BYTES:
+        cpu_ext().advise_hugepages(out.data_ptr(), out.nbytes)
+    return out
+
+
 def stream_of(t: torch.Tensor) -> int:
     """The current CUDA stream of t's device, as an integer handle for the CUDA launchers."""
     return torch.cuda.current_stream(t.device).cuda_stream

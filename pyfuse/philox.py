@@ -9,7 +9,7 @@ import torch
 
 from . import _validate as V
 from ._backend import call_kernel, register_kernel, resolve_backend
-from ._ext import cpu_ext, cuda_ext, stream_of
+from ._ext import cpu_ext, cuda_ext, new_output, stream_of
 from .reference import philox as ref
 
 
@@ -45,7 +45,7 @@ def _rand_reference(numel, seed, offset, stream, device):
 
 @register_kernel("rand", "cpu")
 def _rand_cpu(numel, seed, offset, stream, device):
-    out = torch.empty(numel, dtype=torch.float32, device=device)
+    out = new_output(numel, torch.float32, device)
     cpu_ext().rand_uniform(out.data_ptr(), numel, seed, offset, stream)
     return out
 

@@ -10,7 +10,7 @@ import torch
 
 from . import _validate as V
 from ._backend import call_kernel, register_kernel, resolve_backend
-from ._ext import cpu_ext, cuda_ext, dtype_code, stream_of
+from ._ext import cpu_ext, cuda_ext, dtype_code, new_output, stream_of
 from .reference import prune as ref
 
 __all__ = ["magnitude_prune", "random_prune", "RANDOM_PRUNE_PURPOSE"]
@@ -79,7 +79,7 @@ def _source_and_out(x: torch.Tensor):
     """(tensor the kernel reads, contiguous output). A strided x is copied into the output, which the
     kernel then prunes in place (kernels allow source == output)."""
     if x.is_contiguous():
-        return x, torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        return x, new_output(x.shape, x.dtype, x.device)
     out = x.contiguous()
     return out, out
 

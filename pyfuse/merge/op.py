@@ -76,7 +76,7 @@ def merge_task_vectors(base: torch.Tensor | None, models: list[torch.Tensor], we
             seed % (1 << 64), out_dtype)
     if backend == "reference":
         return call_kernel(OP, backend, *args)
-    out = torch.empty(shape, dtype=out_dtype, device=models[0].device)
+    out = _ext.new_output(shape, out_dtype, models[0].device)
     if out.numel() == 0:
         return out
     base = base.contiguous() if base is not None else None
