@@ -14,7 +14,7 @@ import torch
 
 from .. import _validate as V
 from .._backend import call_kernel, register_kernel, resolve_backend
-from .._ext import cpu_ext, cuda_ext, dtype_code, stream_of
+from .._ext import cpu_ext, cuda_ext, dtype_code, new_output, stream_of
 from ..reference import ensemble as ref
 from .maps import EnsembleTables, tables_for
 
@@ -324,7 +324,7 @@ def _native_args(ext, a: _Args, from_union=None):
 
 
 def _outputs(a: _Args, *shapes_dtypes):
-    return [torch.empty(s, dtype=d, device=a.weights.device) for s, d in shapes_dtypes]
+    return [new_output(s, d, a.weights.device) for s, d in shapes_dtypes]
 
 
 @register_kernel("union_probs", "cpu")
