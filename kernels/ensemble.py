@@ -115,6 +115,21 @@ def model_stats_kernel(logit_ptrs, elem_ptr, fwd_ptrs, vocab, stride, inv_temp, 
 
 
 @triton.jit
+def _combine(acc, used, P, w, pat, m, LOGPROB: tl.constexpr, RENORM: tl.constexpr):
+    """Adds model m's probabilities P with weight w: the weighted sum, or (LOGPROB) the weighted log sum over
+    the models that count for each id (RENORM: only those the id's presence pattern says have it)."""
+    if LOGPROB:
+        take = (acc * 0.0 + w) > 0.0  # a tensor, so that it combines with the pattern bits
+        if RENORM:
+            take = take & (((pat >> m) & 1) == 1)
+        acc = tl.where(take, acc + w * log_det(P), acc)
+        used = used | take
+    else:
+        acc = acc + w * P
+    return acc, used
+
+
+@triton.jit
 def _union_keys(b, u, inside, logit_ptrs, elem_ptr, off_ptrs, ids_ptrs, stride, inv_temp, mx, inv_s, present,
                 weights, cpat, M, LOGPROB: tl.constexpr, RENORM: tl.constexpr):
     """key(u) for a block of union ids of row b (spec step 2-3)."""
@@ -136,15 +151,7 @@ def _union_keys(b, u, inside, logit_ptrs, elem_ptr, off_ptrs, ids_ptrs, stride, 
             y = tl.load(x + v, mask=has, other=0.0).to(tl.float32) * it
             E = E + tl.where(has, exp_det(y - top), 0.0)
         P = E * tl.load(inv_s + b * M + m)
-        w = tl.load(weights + b * M + m)
-        if LOGPROB:
-            take = (acc * 0.0 + w) > 0.0  # a tensor, so that it combines with the pattern bits
-            if RENORM:
-                take = take & (((pat >> m) & 1) == 1)
-            acc = tl.where(take, acc + w * log_det(P), acc)
-            used = used | take
-        else:
-            acc = acc + w * P
+        acc, used = _combine(acc, used, P, tl.load(weights + b * M + m), pat, m, LOGPROB, RENORM)
     c = tl.load(cpat + b * (1 << M) + pat, mask=inside, other=0.0)
     if LOGPROB:
         return tl.where(used, acc * c, NEG_INF)
@@ -284,15 +291,7 @@ def topk_kernel(logit_ptrs, elem_ptr, fwd_ptrs, off_ptrs, ids_ptrs, vocab, strid
             y = tl.load(x + v, mask=has, other=0.0).to(tl.float32) * it
             E = E + tl.where(has, exp_det(y - top), 0.0)
         P = E * unfix_recip(tl.sum(tl.where(keep, fix(E), 0), axis=0))
-        w = tl.load(weights + b * M + m)
-        if LOGPROB:
-            take = (acc * 0.0 + w) > 0.0  # a tensor, so that it combines with the pattern bits
-            if RENORM:
-                take = take & (((pat >> m) & 1) == 1)
-            acc = tl.where(take, acc + w * log_det(P), acc)
-            used = used | take
-        else:
-            acc = acc + w * P
+        acc, used = _combine(acc, used, P, tl.load(weights + b * M + m), pat, m, LOGPROB, RENORM)
     c = tl.load(cpat + b * (1 << M) + pat, mask=keep, other=0.0)
     if LOGPROB:
         key = tl.where(used, acc * c, NEG_INF)

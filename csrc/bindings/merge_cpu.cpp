@@ -2,7 +2,7 @@
 
 #include <vector>
 
-#include "pyfuse/merge.h"
+#include "merge_args.h"
 #include "registry.h"
 
 namespace pyfuse {
@@ -22,17 +22,11 @@ void merge_task_vectors(uintptr_t out, uintptr_t base, const std::vector<uintptr
                         const std::vector<float>& p_keep, const std::vector<float>& p_span, int32_t sparsify,
                         int32_t rescale, int32_t consensus, bool weighted, int32_t normalize, float all_weight_q,
                         float lam, uint64_t seed, uint32_t purpose) {
-  const int32_t k = static_cast<int32_t>(x.size());
-  pyfuse::merge::Config c{reinterpret_cast<void*>(out), reinterpret_cast<const void*>(base), n, ncols, k,
-                          in_dtype, out_dtype, sparsify, rescale, consensus, normalize, weighted, all_weight_q,
-                          lam, seed, purpose};
-  std::vector<const void*> ptrs(k);
-  std::vector<pyfuse::merge::Model> models(k);
-  for (int32_t i = 0; i < k; ++i) {
-    ptrs[i] = reinterpret_cast<const void*>(x[i]);
-    models[i] = pyfuse::merge::Model{weights[i], scales[i], 0.0f, p_keep[i], p_span[i], 0, 0, 0, 0, keep_all[i]};
-  }
-  pyfuse::cpu::merge_task_vectors(c, ptrs.data(), models.data(), k_keep.data(), k_drop.data());
+  pyfuse::merge::Call c = pyfuse::merge::make_call(out, base, x, n, ncols, in_dtype, out_dtype, weights,
+                                                 scales, keep_all, p_keep, p_span, sparsify, rescale,
+                                                 consensus, weighted, normalize, all_weight_q, lam, seed,
+                                                 purpose);
+  pyfuse::cpu::merge_task_vectors(c.config, c.inputs.data(), c.models.data(), k_keep.data(), k_drop.data());
 }
 
 }  // namespace

@@ -1,4 +1,4 @@
-#include "pyfuse/spec_tree.h"
+#include "spec_tree_args.h"
 #include "registry.h"
 
 PYFUSE_BINDINGS(spec_tree) {
@@ -10,20 +10,10 @@ PYFUSE_BINDINGS(spec_tree) {
          uintptr_t final_uniforms, uintptr_t work, uintptr_t accept_index, uintptr_t accept_len,
          uintptr_t token_ids, uintptr_t bonus, uintptr_t cuda_stream) {
         namespace st = pyfuse::spec_tree;
-        const st::Batch a = {reinterpret_cast<const int64_t*>(candidates),
-                             reinterpret_cast<const int64_t*>(next_token),
-                             reinterpret_cast<const int64_t*>(next_sibling),
-                             reinterpret_cast<const void*>(target),
-                             reinterpret_cast<const void*>(draft),
-                             dtype, batch, n, vocab, batch_stride, node_stride, mode, max_depth,
-                             reinterpret_cast<const int64_t*>(seeds), row_streams,
-                             reinterpret_cast<const float*>(uniforms),
-                             reinterpret_cast<const float*>(final_uniforms),
-                             reinterpret_cast<double*>(work),
-                             reinterpret_cast<int32_t*>(accept_index),
-                             reinterpret_cast<int32_t*>(accept_len),
-                             reinterpret_cast<int32_t*>(token_ids),
-                             reinterpret_cast<int32_t*>(bonus)};
+        const st::Batch a = st::make_batch(candidates, next_token, next_sibling, target, draft, dtype, batch, n,
+                                           vocab, batch_stride, node_stride, mode, max_depth, seeds,
+                                           row_streams, uniforms, final_uniforms, work, accept_index,
+                                           accept_len, token_ids, bonus);
         st::cuda::verify_tree(a, cuda_stream);
       },
       PYFUSE_NOGIL,
