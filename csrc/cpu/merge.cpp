@@ -4,7 +4,7 @@
 // read of x_i and base (a sampled key band, then the exact threshold among the band's few candidates;
 // cpu/select.h's full histogram select when the band misses), then the L1 sums of d_i and of its masked
 // version for rescale="l1". Fused pass: each thread takes a segment (a tile, or one row for della),
-// recomputes every delta, mask and random number (Philox over lane arrays, so that it vectorizes) into a
+// recomputes every delta, mask and random number (cpu/philox_lanes.h's vector Philox) into a
 // K x segment scratch, elects the sign, combines and writes the output once. Extra memory: per thread
 // K x segment floats (+ della's row sort), and the band candidates (about 1% of n, at most 1/20 of the
 // input's bytes); no K x n buffers. Results do not depend on the thread count: per-element math only,
@@ -70,10 +70,11 @@ void stable_ranks(Scratch& s, int64_t len) {
 template <class ProbFn>
 PYFUSE_INLINE void keep_random_segment(const Config& c, uint32_t mi, int64_t start, int64_t len, ProbFn p,
                                        float* masked) {
-  alignas(64) float u[kPhiloxLanes];
-  for (int64_t j0 = 0; j0 < len; j0 += kPhiloxLanes) {
-    philox_uniform_lanes(c.seed, static_cast<uint64_t>(start + j0), mi, c.purpose, u);
-    const int64_t cnt = std::min(kPhiloxLanes, len - j0);
+  constexpr int64_t kRun = 512;  // uniforms per philox_uniforms call: stays in L1, call cost amortised
+  alignas(64) float u[kRun];
+  for (int64_t j0 = 0; j0 < len; j0 += kRun) {
+    const int64_t cnt = std::min(kRun, len - j0);
+    philox_uniforms(c.seed, static_cast<uint64_t>(start + j0), mi, c.purpose, u, cnt);
     for (int64_t l = 0; l < cnt; ++l) {
       masked[j0 + l] = merge::select(masked[j0 + l], static_cast<uint32_t>(u[l] < p(j0 + l)));
     }

@@ -5,27 +5,20 @@
 
 namespace pyfuse {
 namespace cpu {
-namespace {
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void rand_block(float* out, int64_t count,
-                                                                            uint64_t seed, uint64_t first,
-                                                                            uint32_t stream) {
-  alignas(64) float u[kPhiloxLanes];
-  philox_uniform_lanes(seed, first, stream, 0, u);
-  for (int64_t l = 0; l < count; ++l) out[l] = u[l];
-}
-
-}  // namespace
-
-void rand_uniform(float* out, int64_t n, uint64_t seed, uint64_t offset, uint32_t stream) {
-  const int64_t blocks = (n + kPhiloxLanes - 1) / kPhiloxLanes;
+bool rand_uniform(float* out, int64_t n, uint64_t seed, uint64_t offset, uint32_t stream, PhiloxIsa isa) {
+  float probe;
+  if (!philox_uniforms_isa(isa, seed, offset, stream, 0, &probe, 0)) return false;
+  constexpr int64_t kBlock = 4096;
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
   // Threads only pay off past a few blocks; the result never depends on the thread count.
-#pragma omp parallel for schedule(static) if (blocks > 256)
+#pragma omp parallel for schedule(static) if (blocks > 4)
   for (int64_t b = 0; b < blocks; ++b) {
-    const int64_t start = b * kPhiloxLanes;
-    const int64_t count = n - start < kPhiloxLanes ? n - start : kPhiloxLanes;
-    rand_block(out + start, count, seed, offset + static_cast<uint64_t>(start), stream);
+    const int64_t start = b * kBlock;
+    const int64_t count = n - start < kBlock ? n - start : kBlock;
+    philox_uniforms_isa(isa, seed, offset + static_cast<uint64_t>(start), stream, 0, out + start, count);
   }
+  return true;
 }
 
 }  // namespace cpu

@@ -2,10 +2,14 @@
 
 #include <stdint.h>
 
+#include "cpu/philox_lanes.h"
+
 namespace pyfuse {
 namespace cpu {
 
-void rand_uniform(float* out, int64_t n, uint64_t seed, uint64_t offset, uint32_t stream);
+// out[i] = Philox uniform of counter (offset + i, stream, 0) on the given vector path; false (out
+// untouched) when this CPU cannot run that path.
+bool rand_uniform(float* out, int64_t n, uint64_t seed, uint64_t offset, uint32_t stream, PhiloxIsa isa = kPhiloxAuto);
 
 }  // namespace cpu
 }  // namespace pyfuse

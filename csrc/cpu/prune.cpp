@@ -16,7 +16,7 @@
 
 #include "cpu/select.h"
 #include "pyfuse/common.h"
-#include "pyfuse/philox.h"
+#include "cpu/philox_lanes.h"
 
 // Runtime dispatch: one build, widest vectors the CPU has (never -march=native).
 #define PYFUSE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -217,28 +217,34 @@ struct MagnitudePrune {
 };
 
 // u_i < d keeps element i; d is the float32 density (0 keeps nothing, 1 everything: u <= 1 - 2^-24).
-// Two loops per block so that the Philox one vectorizes whatever the dtype (the half conversions
-// branch); without rescale, kept values are copied bit for bit.
+// Uniforms for a block first (vector Philox), then an integer bit-mask select so that the float32 loops
+// vectorize; without rescale, kept values are copied bit for bit.
 constexpr int64_t kRandomBlock = 1024;
-
-PYFUSE_CLONES void keep_flags(uint8_t* keep, int64_t begin, int64_t len, float d, uint64_t seed, uint32_t purpose) {
-  for (int64_t j = 0; j < len; ++j) keep[j] = philox::uniform(seed, uint64_t(begin + j), 0u, purpose) < d;
-}
 
 template <int32_t kDtype>
 void random_prune_block(const void* x, void* out, int64_t begin, int64_t len, float d, bool rescale, uint64_t seed,
                         uint32_t purpose) {
   using Bits = std::conditional_t<kDtype == kFloat32, uint32_t, uint16_t>;
-  uint8_t keep[kRandomBlock];
-  keep_flags(keep, begin, len, d, seed, purpose);
+  alignas(64) float u[kRandomBlock];
+  philox_uniforms(seed, uint64_t(begin), 0u, purpose, u, len);
   const Bits* xb = static_cast<const Bits*>(x) + begin;
   Bits* ob = static_cast<Bits*>(out) + begin;
   if (!rescale) {
-    for (int64_t j = 0; j < len; ++j) ob[j] = xb[j] & (Bits(0) - Bits(keep[j]));
+    for (int64_t j = 0; j < len; ++j) ob[j] = xb[j] & (Bits(0) - Bits(u[j] < d));
     return;
   }
-  for (int64_t j = 0; j < len; ++j) {
-    store_float(out, kDtype, begin + j, keep[j] ? load_float(x, kDtype, begin + j) / d : 0.0f);
+  if constexpr (kDtype == kFloat32) {
+    const float* xf = static_cast<const float*>(x) + begin;
+    for (int64_t j = 0; j < len; ++j) {
+      const float v = xf[j] / d;
+      uint32_t bits;
+      memcpy(&bits, &v, sizeof(bits));
+      ob[j] = bits & (0u - uint32_t(u[j] < d));
+    }
+  } else {
+    for (int64_t j = 0; j < len; ++j) {
+      store_float(out, kDtype, begin + j, u[j] < d ? load_float(x, kDtype, begin + j) / d : 0.0f);
+    }
   }
 }
 
