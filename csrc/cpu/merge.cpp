@@ -3,12 +3,15 @@
 // Statistics pass, per model: exact top-k thresholds of |x_i - base| for magnitude/breadcrumbs in one
 // read of x_i and base (a sampled key band, then the exact threshold among the band's few candidates;
 // cpu/select.h's full histogram select when the band misses), then the L1 sums of d_i and of its masked
-// version for rescale="l1". Fused pass: each thread takes a segment (a tile, or one row for della),
-// recomputes every delta, mask and random number (cpu/philox_lanes.h's vector Philox) into a
-// K x segment scratch, elects the sign, combines and writes the output once. Extra memory: per thread
-// K x segment floats (+ della's row sort), and the band candidates (about 1% of n, at most 1/20 of the
-// input's bytes); no K x n buffers. Results do not depend on the thread count: per-element math only,
-// L1 partial sums in fixed segments.
+// version for rescale="l1" (which records the random keep decisions as bits). Fused pass: each thread
+// takes a segment (a tile, or one row for della), recomputes every delta and mask (random ones with
+// cpu/philox_lanes.h's vector Philox, or replayed from the recorded bits) into a K x segment scratch, elects
+// the sign, combines and writes the output once. Extra memory: per thread K x segment floats (+ della's row
+// sort), the band candidates (about 1% of n, at most 1/20 of the input's bytes), and the keep bits (1/32 of
+// a float32 input per model); no K x n float buffers. Results do not depend on the thread count: per-element
+// math only, L1 partial sums in fixed segments.
+#include <xmmintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -42,9 +45,29 @@ PYFUSE_INLINE float load(const void* p, int64_t i) {
   return fp16_to_float(static_cast<const uint16_t*>(p)[i]);
 }
 
+// The random keep decisions of one segment as bits (bit j % 64 of word j / 64 is element start + j). With
+// rescale="l1" the statistics pass records them and the fused pass replays them: recomputing Philox costs more
+// than all the reads of that pass.
+struct KeepBits {
+  uint64_t* words = nullptr;  // this segment's words for model 0; model i at words + i * per_model
+  int64_t per_model = 0;
+  bool replay = false;
+};
+
+// out[0, len) = res[0, len) with non-temporal stores where out is 16-byte aligned: the output is written once
+// and not read back, so skipping the read-for-ownership of its cache lines saves a third of the write traffic.
+PYFUSE_INLINE void stream_out(float* out, const float* res, int64_t len) {
+  int64_t j = 0;
+  if ((reinterpret_cast<uintptr_t>(out) & 15) == 0) {
+    for (; j + 4 <= len; j += 4) _mm_stream_ps(out + j, _mm_loadu_ps(res + j));
+  }
+  for (; j < len; ++j) out[j] = res[j];
+}
+
 struct Scratch {
   std::vector<float> base, masked, total, acc, q, res;
   std::vector<uint32_t> flip, keys, order, tmp, rank;
+  KeepBits keep_bits;  // the current segment's recorded random decisions, if any
   Scratch(int64_t k, int64_t seg)
       : base(seg), masked(k * seg), total(seg), acc(seg), q(seg), res(seg), flip(seg) {}
 };
@@ -66,18 +89,51 @@ void stable_ranks(Scratch& s, int64_t len) {
   for (int64_t p = 0; p < len; ++p) s.rank[s.order[p]] = static_cast<uint32_t>(p);
 }
 
-// masked[j] = select(masked[j], u_j < p(j)) for the Philox uniform u_j of element start + j (merge::keep_random).
+// Packs flags[0, 64) (0/1 bytes) into one word, flag b to bit b, by a carry-free multiply per 8 flags.
+PYFUSE_INLINE uint64_t pack_flags(const uint8_t* flags) {
+  uint64_t word = 0;
+  for (int b = 0; b < 8; ++b) {
+    uint64_t eight;
+    memcpy(&eight, flags + 8 * b, sizeof(eight));
+    word |= ((eight * 0x0102040810204080ull) >> 56) << (8 * b);
+  }
+  return word;
+}
+
+// masked[j] = select(masked[j], bit j of bits) for j < len, 32 bits at a time (a variable shift per lane).
+PYFUSE_INLINE void replay_bits(const uint64_t* bits, int64_t len, float* masked) {
+  for (int64_t h = 0; h < len; h += 32) {
+    const uint32_t half = static_cast<uint32_t>(bits[h / 64] >> (h & 32));
+    float* m = masked + h;
+    if (h + 32 <= len) {
+      for (uint32_t b = 0; b < 32; ++b) m[b] = merge::select(m[b], (half >> b) & 1u);
+    } else {
+      for (uint32_t b = 0; b < static_cast<uint32_t>(len - h); ++b) m[b] = merge::select(m[b], (half >> b) & 1u);
+    }
+  }
+}
+
+// masked[j] = select(masked[j], u_j < p(j)) for the Philox uniform u_j of element start + j (merge::keep_random),
+// or the decisions recorded in `bits` (see KeepBits).
 template <class ProbFn>
 PYFUSE_INLINE void keep_random_segment(const Config& c, uint32_t mi, int64_t start, int64_t len, ProbFn p,
-                                       float* masked) {
+                                       const KeepBits& kb, float* masked) {
   constexpr int64_t kRun = 512;  // uniforms per philox_uniforms call: stays in L1, call cost amortised
+  static_assert(kRun % 64 == 0, "runs start on a bit word");
   alignas(64) float u[kRun];
+  alignas(64) uint8_t keep[kRun];
+  uint64_t* bits = kb.words == nullptr ? nullptr : kb.words + mi * kb.per_model;
+  if (bits != nullptr && kb.replay) return replay_bits(bits, len, masked);
   for (int64_t j0 = 0; j0 < len; j0 += kRun) {
     const int64_t cnt = std::min(kRun, len - j0);
     philox_uniforms(c.seed, static_cast<uint64_t>(start + j0), mi, c.purpose, u, cnt);
-    for (int64_t l = 0; l < cnt; ++l) {
-      masked[j0 + l] = merge::select(masked[j0 + l], static_cast<uint32_t>(u[l] < p(j0 + l)));
+    for (int64_t l = 0; l < cnt; ++l) keep[l] = static_cast<uint8_t>(u[l] < p(j0 + l));
+    if (bits != nullptr) {
+      const int64_t words = (cnt + 63) / 64;
+      std::fill(keep + cnt, keep + words * 64, uint8_t(0));
+      for (int64_t w = 0; w < words; ++w) bits[j0 / 64 + w] = pack_flags(keep + 64 * w);
     }
+    for (int64_t l = 0; l < cnt; ++l) masked[j0 + l] = merge::select(masked[j0 + l], keep[l]);
   }
 }
 
@@ -110,14 +166,15 @@ PYFUSE_INLINE void masked_segment(const Config& c, const void* x, const Model& m
     }
   } else if (c.sparsify == merge::kRandom) {
     const float p = m.p_keep;
-    keep_random_segment(c, mi, start, len, [p](int64_t) { return p; }, masked);
+    keep_random_segment(c, mi, start, len, [p](int64_t) { return p; }, s.keep_bits, masked);
   } else if (c.sparsify == merge::kDella) {  // the segment is one row
     s.keys.resize(len);
     for (int64_t j = 0; j < len; ++j) s.keys[j] = merge::magnitude_key(masked[j]);
     stable_ranks(s, len);
     const uint32_t* rank = s.rank.data();
-    keep_random_segment(c, mi, start, len, [&m, rank, len](int64_t j) { return merge::della_prob(m, rank[j], len); },
-                        masked);
+    keep_random_segment(
+        c, mi, start, len, [&m, rank, len](int64_t j) { return merge::della_prob(m, rank[j], len); }, s.keep_bits,
+        masked);
   }
 }
 
@@ -190,12 +247,54 @@ PYFUSE_INLINE void fused_body(const Config& c, const void* const* x, const Model
   const float lam = c.lam;
   for (int64_t j = 0; j < len; ++j) res[j] = merge::finish(ac[j], qq[j], normalize, lam, bt[j]);
   if (c.out_dtype == kFloat32) {
-    float* out = static_cast<float*>(c.out) + start;
-    for (int64_t j = 0; j < len; ++j) out[j] = res[j];
+    stream_out(static_cast<float*>(c.out) + start, res, len);
   } else {
     uint16_t* out = static_cast<uint16_t*>(c.out) + start;
     const bool half = c.out_dtype == kFloat16;
     for (int64_t j = 0; j < len; ++j) out[j] = half ? float_to_fp16(res[j]) : float_to_bf16(res[j]);
+  }
+}
+
+// before[l] += |x - base|, after[l] += |masked| over the elements j = l (mod kLanes) of one segment, in order.
+// GCC vector types: the lane order is the algorithm's (one vector of kLanes doubles), and GCC's SLP pass would
+// otherwise keep the eight accumulators in scalar registers.
+typedef float Floats8 __attribute__((vector_size(32)));
+typedef double Doubles8 __attribute__((vector_size(64)));
+typedef uint32_t Words8 __attribute__((vector_size(32)));
+static_assert(kLanes == 8, "one vector of lanes");
+
+PYFUSE_INLINE void add_abs(Doubles8& acc, Floats8 v) {  // acc += |v| (by reference: no 64-byte vector ABI)
+  Words8 w;
+  memcpy(&w, &v, sizeof(w));
+  w &= 0x7fffffffu;
+  memcpy(&v, &w, sizeof(v));
+  acc += __builtin_convertvector(v, Doubles8);
+}
+
+template <int32_t kDtype>
+PYFUSE_INLINE void l1_lanes(const void* x, int64_t start, const float* bt, const float* mk, int64_t len,
+                            double* before, double* after) {
+  Doubles8 b = {0}, a = {0};
+  int64_t j0 = 0;
+  for (; j0 + kLanes <= len; j0 += kLanes) {
+    Floats8 xv, bv, mv;
+    if constexpr (kDtype == kFloat32) {
+      memcpy(&xv, static_cast<const float*>(x) + start + j0, sizeof(xv));
+    } else {
+      for (int l = 0; l < kLanes; ++l) xv[l] = load<kDtype>(x, start + j0 + l);
+    }
+    memcpy(&bv, bt + j0, sizeof(bv));
+    memcpy(&mv, mk + j0, sizeof(mv));
+    add_abs(b, xv - bv);
+    add_abs(a, mv);
+  }
+  for (int l = 0; j0 + l < len; ++l) {
+    b[l] += static_cast<double>(std::fabs(load<kDtype>(x, start + j0 + l) - bt[j0 + l]));
+    a[l] += static_cast<double>(std::fabs(mk[j0 + l]));
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    before[l] = b[l];
+    after[l] = a[l];
   }
 }
 
@@ -208,13 +307,7 @@ PYFUSE_INLINE void l1_body(const Config& c, const void* const* x, const Model* m
   for (int32_t i = 0; i < c.k; ++i) {
     double before[kLanes] = {0}, after[kLanes] = {0};
     masked_segment<kDtype>(c, x[i], models[i], i, start, len, s, mk);
-    for (int64_t j0 = 0; j0 < len; j0 += kLanes) {  // lane l sums the elements j = l (mod kLanes) in order
-      const int64_t cnt = std::min<int64_t>(kLanes, len - j0);
-      for (int64_t l = 0; l < cnt; ++l) {
-        before[l] += static_cast<double>(std::abs(load<kDtype>(x[i], start + j0 + l) - s.base[j0 + l]));
-        after[l] += static_cast<double>(std::abs(mk[j0 + l]));
-      }
-    }
+    l1_lanes<kDtype>(x[i], start, s.base.data(), mk, len, before, after);
     for (int l = 0; l < kLanes; ++l) {
       sums[(i * 2) * kLanes + l] = before[l];
       sums[(i * 2 + 1) * kLanes + l] = after[l];
@@ -388,6 +481,15 @@ void merge_task_vectors(const Config& c, const void* const* x, Model* models, co
     if (c.in_dtype == kFloat16) thresholds<kFloat16>(c, x, k_keep, k_drop, band_f16, models);
     if (c.in_dtype == kBFloat16) thresholds<kBFloat16>(c, x, k_keep, k_drop, band_bf16, models);
   }
+  // Random keep decisions recorded by the L1 pass for the fused pass: K x n bits, segment-major.
+  const bool record = c.rescale == merge::kL1 && (c.sparsify == merge::kRandom || c.sparsify == merge::kDella);
+  const int64_t seg_words = (seg + 63) / 64;
+  std::vector<uint64_t> keep_bits(record ? static_cast<size_t>(nseg * c.k * seg_words) : 0);
+  auto segment_bits = [&](int64_t g, bool replay) {
+    KeepBits kb;
+    if (record) kb = {&keep_bits[static_cast<size_t>(g * c.k * seg_words)], seg_words, replay};
+    return kb;
+  };
   if (c.rescale == merge::kL1) {
     std::vector<double> partial(nseg * c.k * 2 * kLanes);
 #pragma omp parallel if (c.n >= kParallelMin)
@@ -395,6 +497,7 @@ void merge_task_vectors(const Config& c, const void* const* x, Model* models, co
       Scratch s(1, seg);
 #pragma omp for schedule(dynamic, 8)
       for (int64_t g = 0; g < nseg; ++g) {
+        s.keep_bits = segment_bits(g, false);
         l1(c, x, models, g * seg, std::min(seg, c.n - g * seg), s, &partial[g * c.k * 2 * kLanes]);
       }
     }
@@ -415,7 +518,10 @@ void merge_task_vectors(const Config& c, const void* const* x, Model* models, co
   {
     Scratch s(c.k, seg);
 #pragma omp for schedule(dynamic, 8)
-    for (int64_t g = 0; g < nseg; ++g) fused(c, x, models, g * seg, std::min(seg, c.n - g * seg), seg, s);
+    for (int64_t g = 0; g < nseg; ++g) {
+      s.keep_bits = segment_bits(g, true);
+      fused(c, x, models, g * seg, std::min(seg, c.n - g * seg), seg, s);
+    }
   }
 }
 

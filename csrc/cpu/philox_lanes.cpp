@@ -1,7 +1,8 @@
 // Philox4x32-10 uniforms over consecutive counters with AVX-512 / AVX2 intrinsics.
 //
-// Why intrinsics: written over plain uint32 lane arrays, GCC widens the 32x32->64 products to full 64-bit
-// multiplies (three vpmuludq each plus shifts and adds), about 5x slower than needed. Here every counter
+// The rounds are in cpu/philox_rounds.inc, compiled once per ISA. Why intrinsics: written over plain uint32
+// lane arrays, GCC widens the 32x32->64 products to full 64-bit multiplies (three vpmuludq each plus shifts
+// and adds): pyfuse.rand of 16M took 80 ms that way, 21 ms here (2 threads, AVX-512). Here every counter
 // word lives in the low half of a 64-bit lane, so one vpmuludq gives both halves of a product; the high
 // halves of the lanes carry garbage that nothing reads (vpmuludq and the final vpmovqd read low halves only).
 // Several independent vectors per iteration hide the multiply latency across the 10 dependent rounds.
@@ -24,103 +25,94 @@ void uniforms_scalar(uint64_t seed, uint64_t first, uint32_t stream, uint32_t pu
   for (int64_t l = 0; l < count; ++l) u[l] = philox::uniform(seed, first + static_cast<uint64_t>(l), stream, purpose);
 }
 
-// ---- AVX-512: 8 counters per register, 4 registers (32 counters) per step ----
+// Counter words live in the low half of each 64-bit lane; high halves carry garbage that nothing reads.
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+namespace avx512 {
 
-constexpr int kVec512 = 4;
+struct Isa {
+  using V = __m512i;
+  static constexpr int kLanes = 8;
+  static V set1(uint64_t x) { return _mm512_set1_epi64(static_cast<int64_t>(x)); }
+  static V index(uint64_t first) { return _mm512_add_epi64(set1(first), _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0)); }
+  static V mul(V a, V b) { return _mm512_mul_epu32(a, b); }
+  static V hi(V a) { return _mm512_srli_epi64(a, 32); }
+  static V xor2(V a, V b) { return _mm512_xor_si512(a, b); }
+  static V xor3(V a, V b, V c) { return _mm512_ternarylogic_epi64(a, b, c, 0x96); }
+};
 
-__attribute__((target("avx512f"))) void step_avx512(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose,
-                                                    float* u) {
-  const __m512i ra = _mm512_set1_epi64(kRoundA), rb = _mm512_set1_epi64(kRoundB);
-  const __m512i lane = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
-  __m512i c0[kVec512], c1[kVec512], c2[kVec512], c3[kVec512];
-  for (int v = 0; v < kVec512; ++v) {
-    const __m512i index = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(first + 8u * v)), lane);
-    c0[v] = index;
-    c1[v] = _mm512_srli_epi64(index, 32);
-    c2[v] = _mm512_set1_epi64(stream);
-    c3[v] = _mm512_set1_epi64(purpose);
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    const __m512i key0 = _mm512_set1_epi32(static_cast<int32_t>(k0)), key1 = _mm512_set1_epi32(static_cast<int32_t>(k1));
-    for (int v = 0; v < kVec512; ++v) {
-      const __m512i pb = _mm512_mul_epu32(c2[v], rb), pa = _mm512_mul_epu32(c0[v], ra);
-      c0[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pb, 32), c1[v], key0, 0x96);  // a ^ b ^ c
-      c1[v] = pb;
-      c2[v] = _mm512_ternarylogic_epi64(_mm512_srli_epi64(pa, 32), c3[v], key1, 0x96);
-      c3[v] = pa;
-    }
-    k0 += kKeyA;
-    k1 += kKeyB;
-  }
+#include "cpu/philox_rounds.inc"
+
+constexpr int kVec = 4;  // 4 registers (32 counters) per step: enough to hide the multiply latency
+constexpr int kStep = 8 * kVec;
+
+void step(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u) {
+  __m512i w0[kVec];
+  philox_words0<kVec>(seed, first, stream, purpose, w0);
   const __m256 scale = _mm256_set1_ps(kToUnit);
-  for (int v = 0; v < kVec512; ++v) {
-    const __m256i bits = _mm512_cvtepi64_epi32(c0[v]);                    // low halves
+  for (int v = 0; v < kVec; ++v) {
+    const __m256i bits = _mm512_cvtepi64_epi32(w0[v]);                    // low halves
     const __m256i s = _mm256_xor_si256(bits, _mm256_srai_epi32(bits, 31));  // s < 0 ? ~s : s
     _mm256_storeu_ps(u + 8 * v, _mm256_mul_ps(_mm256_cvtepi32_ps(s), scale));
   }
 }
 
-__attribute__((target("avx512f"))) void uniforms_avx512(uint64_t seed, uint64_t first, uint32_t stream,
-                                                        uint32_t purpose, float* u, int64_t count) {
-  constexpr int64_t kStep = 8 * kVec512;
-  int64_t l = 0;
-  for (; l + kStep <= count; l += kStep) step_avx512(seed, first + static_cast<uint64_t>(l), stream, purpose, u + l);
-  if (l < count) {
-    alignas(64) float tail[kStep];
-    step_avx512(seed, first + static_cast<uint64_t>(l), stream, purpose, tail);
-    memcpy(u + l, tail, static_cast<size_t>(count - l) * sizeof(float));
-  }
-}
+}  // namespace avx512
+#pragma GCC pop_options
 
-// ---- AVX2: 4 counters per register, 3 registers (12 counters) per step: 16 ymm registers in all ----
+#pragma GCC push_options
+#pragma GCC target("avx2")
+namespace avx2 {
 
-constexpr int kVec256 = 3;
+struct Isa {
+  using V = __m256i;
+  static constexpr int kLanes = 4;
+  static V set1(uint64_t x) { return _mm256_set1_epi64x(static_cast<int64_t>(x)); }
+  static V index(uint64_t first) { return _mm256_add_epi64(set1(first), _mm256_set_epi64x(3, 2, 1, 0)); }
+  static V mul(V a, V b) { return _mm256_mul_epu32(a, b); }
+  static V hi(V a) { return _mm256_srli_epi64(a, 32); }
+  static V xor2(V a, V b) { return _mm256_xor_si256(a, b); }
+  static V xor3(V a, V b, V c) { return xor2(xor2(a, b), c); }
+};
 
-__attribute__((target("avx2"))) void step_avx2(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose,
-                                               float* u) {
-  const __m256i ra = _mm256_set1_epi64x(kRoundA), rb = _mm256_set1_epi64x(kRoundB);
-  const __m256i lane = _mm256_set_epi64x(3, 2, 1, 0);
-  __m256i c0[kVec256], c1[kVec256], c2[kVec256], c3[kVec256];
-  for (int v = 0; v < kVec256; ++v) {
-    const __m256i index = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(first + 4u * v)), lane);
-    c0[v] = index;
-    c1[v] = _mm256_srli_epi64(index, 32);
-    c2[v] = _mm256_set1_epi64x(stream);
-    c3[v] = _mm256_set1_epi64x(purpose);
-  }
-  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
-  for (int r = 0; r < 10; ++r) {
-    const __m256i key0 = _mm256_set1_epi32(static_cast<int32_t>(k0)), key1 = _mm256_set1_epi32(static_cast<int32_t>(k1));
-    for (int v = 0; v < kVec256; ++v) {
-      const __m256i pb = _mm256_mul_epu32(c2[v], rb), pa = _mm256_mul_epu32(c0[v], ra);
-      c0[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pb, 32), c1[v]), key0);
-      c1[v] = pb;
-      c2[v] = _mm256_xor_si256(_mm256_xor_si256(_mm256_srli_epi64(pa, 32), c3[v]), key1);
-      c3[v] = pa;
-    }
-    k0 += kKeyA;
-    k1 += kKeyB;
-  }
-  alignas(32) uint32_t bits[4 * kVec256 * 2];
-  for (int v = 0; v < kVec256; ++v) _mm256_store_si256(reinterpret_cast<__m256i*>(bits) + v, c0[v]);
-  for (int l = 0; l < 4 * kVec256; ++l) {  // low half of each 64-bit lane
+#include "cpu/philox_rounds.inc"
+
+constexpr int kVec = 3;  // 3 registers (12 counters) per step: with the constants, all 16 ymm registers
+constexpr int kStep = 4 * kVec;
+
+void step(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u) {
+  __m256i w0[kVec];
+  philox_words0<kVec>(seed, first, stream, purpose, w0);
+  alignas(32) uint32_t bits[8 * kVec];
+  for (int v = 0; v < kVec; ++v) _mm256_store_si256(reinterpret_cast<__m256i*>(bits) + v, w0[v]);
+  for (int l = 0; l < 4 * kVec; ++l) {  // low half of each 64-bit lane
     int32_t s = static_cast<int32_t>(bits[2 * l]);
     s ^= s >> 31;
     u[l] = static_cast<float>(s) * kToUnit;
   }
 }
 
-__attribute__((target("avx2"))) void uniforms_avx2(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose,
-                                                   float* u, int64_t count) {
-  constexpr int64_t kStep = 4 * kVec256;
+}  // namespace avx2
+#pragma GCC pop_options
+
+// count uniforms in steps of `step` counters; the tail goes through a scratch step.
+template <int kStep, void (*kStepFn)(uint64_t, uint64_t, uint32_t, uint32_t, float*)>
+void run_steps(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u, int64_t count) {
   int64_t l = 0;
-  for (; l + kStep <= count; l += kStep) step_avx2(seed, first + static_cast<uint64_t>(l), stream, purpose, u + l);
+  for (; l + kStep <= count; l += kStep) kStepFn(seed, first + static_cast<uint64_t>(l), stream, purpose, u + l);
   if (l < count) {
-    float tail[kStep];
-    step_avx2(seed, first + static_cast<uint64_t>(l), stream, purpose, tail);
+    alignas(64) float tail[kStep];
+    kStepFn(seed, first + static_cast<uint64_t>(l), stream, purpose, tail);
     memcpy(u + l, tail, static_cast<size_t>(count - l) * sizeof(float));
   }
+}
+
+void uniforms_avx512(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u, int64_t count) {
+  run_steps<avx512::kStep, avx512::step>(seed, first, stream, purpose, u, count);
+}
+
+void uniforms_avx2(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u, int64_t count) {
+  run_steps<avx2::kStep, avx2::step>(seed, first, stream, purpose, u, count);
 }
 
 using UniformsFn = void (*)(uint64_t, uint64_t, uint32_t, uint32_t, float*, int64_t);
