@@ -64,6 +64,14 @@ PYFUSE_INLINE void stream_out(float* out, const float* res, int64_t len) {
   for (; j < len; ++j) out[j] = res[j];
 }
 
+// The merged values res[0, len) into the output at element start, in the output dtype.
+PYFUSE_INLINE void store_out(const Config& c, int64_t start, int64_t len, const float* res) {
+  if (c.out_dtype == kFloat32) return stream_out(static_cast<float*>(c.out) + start, res, len);
+  uint16_t* out = static_cast<uint16_t*>(c.out) + start;
+  const bool half = c.out_dtype == kFloat16;
+  for (int64_t j = 0; j < len; ++j) out[j] = half ? float_to_fp16(res[j]) : float_to_bf16(res[j]);
+}
+
 struct Scratch {
   std::vector<float> base, masked, total, acc, q, res;
   std::vector<uint32_t> flip, keys, order, tmp, rank;
@@ -87,17 +95,6 @@ void stable_ranks(Scratch& s, int64_t len) {
     s.order.swap(s.tmp);
   }
   for (int64_t p = 0; p < len; ++p) s.rank[s.order[p]] = static_cast<uint32_t>(p);
-}
-
-// Packs flags[0, 64) (0/1 bytes) into one word, flag b to bit b, by a carry-free multiply per 8 flags.
-PYFUSE_INLINE uint64_t pack_flags(const uint8_t* flags) {
-  uint64_t word = 0;
-  for (int b = 0; b < 8; ++b) {
-    uint64_t eight;
-    memcpy(&eight, flags + 8 * b, sizeof(eight));
-    word |= ((eight * 0x0102040810204080ull) >> 56) << (8 * b);
-  }
-  return word;
 }
 
 // masked[j] = select(masked[j], bit j of bits) for j < len, 32 bits at a time (a variable shift per lane).
@@ -131,7 +128,7 @@ PYFUSE_INLINE void keep_random_segment(const Config& c, uint32_t mi, int64_t sta
     if (bits != nullptr) {
       const int64_t words = (cnt + 63) / 64;
       std::fill(keep + cnt, keep + words * 64, uint8_t(0));
-      for (int64_t w = 0; w < words; ++w) bits[j0 / 64 + w] = pack_flags(keep + 64 * w);
+      for (int64_t w = 0; w < words; ++w) bits[j0 / 64 + w] = select::pack_flags(keep + 64 * w);
     }
     for (int64_t l = 0; l < cnt; ++l) masked[j0 + l] = merge::select(masked[j0 + l], keep[l]);
   }
@@ -246,12 +243,31 @@ PYFUSE_INLINE void fused_body(const Config& c, const void* const* x, const Model
   const float* __restrict bt = s.base.data();
   const float lam = c.lam;
   for (int64_t j = 0; j < len; ++j) res[j] = merge::finish(ac[j], qq[j], normalize, lam, bt[j]);
-  if (c.out_dtype == kFloat32) {
-    stream_out(static_cast<float*>(c.out) + start, res, len);
-  } else {
-    uint16_t* out = static_cast<uint16_t*>(c.out) + start;
-    const bool half = c.out_dtype == kFloat16;
-    for (int64_t j = 0; j < len; ++j) out[j] = half ? float_to_fp16(res[j]) : float_to_bf16(res[j]);
+  store_out(c, start, len, res);
+}
+
+// Linear merges (task arithmetic: no sparsification, no election, no per-element divisor): the same arithmetic
+// as fused_body, element by element in model order, over L1-sized blocks read straight from the inputs.
+template <int32_t kDtype>
+PYFUSE_INLINE void linear_body(const Config& c, const void* const* x, const Model* models, int64_t start, int64_t len,
+                               Scratch& s) {
+  constexpr int64_t kBlock = 512;
+  float* __restrict ac = s.acc.data();
+  float* __restrict bt = s.base.data();
+  float* __restrict res = s.res.data();
+  const int32_t normalize = c.normalize;
+  const float q = normalize == merge::kAllWeight ? c.all_weight_q : 0.0f, lam = c.lam;
+  for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
+    const int64_t cnt = std::min(kBlock, len - j0);
+    load_base<kDtype>(c, start + j0, cnt, s);
+    std::fill(ac, ac + cnt, 0.0f);
+    for (int32_t i = 0; i < c.k; ++i) {
+      const void* xi = x[i];
+      const float alpha = models[i].alpha;
+      for (int64_t j = 0; j < cnt; ++j) ac[j] += merge::mul_rn(alpha, load<kDtype>(xi, start + j0 + j) - bt[j]);
+    }
+    for (int64_t j = 0; j < cnt; ++j) res[j] = merge::finish(ac[j], q, normalize, lam, bt[j]);
+    store_out(c, start + j0, cnt, res);
   }
 }
 
@@ -334,6 +350,16 @@ PYFUSE_INLINE int64_t band_body(const void* x, const void* base, int64_t begin, 
   return in_band;
 }
 
+// No sparsification, no election, no per-element divisor: linear_body computes the same values.
+inline bool linear_merge(const Config& c, const Model* models) {
+  if (c.consensus != merge::kConsensusNone) return false;
+  if (c.normalize == merge::kAgreeWeight || c.normalize == merge::kAgreeCount) return false;
+  for (int32_t i = 0; i < c.k; ++i) {
+    if (!models[i].keep_all) return false;
+  }
+  return true;
+}
+
 #define PYFUSE_MERGE_CLONES(suffix, dtype)                                                                     \
   PYFUSE_CLONES int64_t band_##suffix(const void* x, const void* base, int64_t begin, int64_t len, uint32_t lo,  \
                                       uint32_t hi, uint32_t* key, uint8_t* flag, int64_t* above) {              \
@@ -341,6 +367,7 @@ PYFUSE_INLINE int64_t band_body(const void* x, const void* base, int64_t begin, 
   }                                                                                                             \
   PYFUSE_CLONES void fused_##suffix(const Config& c, const void* const* x, const Model* m, int64_t start,       \
                                     int64_t len, int64_t stride, Scratch& s) {                                  \
+    if (linear_merge(c, m)) return linear_body<dtype>(c, x, m, start, len, s);                                  \
     fused_body<dtype>(c, x, m, start, len, stride, s);                                                          \
   }                                                                                                             \
   PYFUSE_CLONES void l1_##suffix(const Config& c, const void* const* x, const Model* m, int64_t start, int64_t len, \
@@ -406,15 +433,10 @@ void band_top_set(const void* x, const void* base, int64_t n, int64_t k, KeyFn k
     for (int64_t begin = cbegin; begin < cend; begin += kBlock) {
       const int64_t len = std::min(kBlock, cend - begin);
       if (band_fn(x, base, begin, len, band.lo, band.hi, key, flag, &above_chunk[c]) == 0) continue;
-      for (int64_t w = 0; w < len; w += 8) {  // skip unflagged elements 8 at a time (flags are 0/1 bytes)
-        uint64_t bits = 0;
-        memcpy(&bits, flag + w, static_cast<size_t>(std::min<int64_t>(8, len - w)));
-        for (; bits; bits &= bits - 1) {
-          const int64_t j = w + (__builtin_ctzll(bits) >> 3);
-          offs[c].push_back(static_cast<uint16_t>(begin + j - cbegin));
-          keys[c].push_back(key[j]);
-        }
-      }
+      select::for_each_flagged(flag, len, [&](int64_t j) {
+        offs[c].push_back(static_cast<uint16_t>(begin + j - cbegin));
+        keys[c].push_back(key[j]);
+      });
     }
   }
   int64_t above = 0, m = 0;
@@ -522,6 +544,7 @@ void merge_task_vectors(const Config& c, const void* const* x, Model* models, co
       s.keep_bits = segment_bits(g, true);
       fused(c, x, models, g * seg, std::min(seg, c.n - g * seg), seg, s);
     }
+    _mm_sfence();  // order this thread's non-temporal output stores before the region ends
   }
 }
 

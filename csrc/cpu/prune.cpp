@@ -155,20 +155,14 @@ struct MagnitudePrune {
       const int64_t cbegin = c * kChunk, cend = std::min(n, cbegin + kChunk);
       offs[c].reserve(size_t(expected));
       keys[c].reserve(size_t(expected));
-      alignas(8) uint8_t band[kBlock];
+      alignas(64) uint8_t band[kBlock];
       for (int64_t begin = cbegin; begin < cend; begin += kBlock) {
         const int64_t len = std::min(kBlock, cend - begin);
         if (keep_from(x + begin, out + begin, band, len, lo, hi, &above_chunk[c]) == 0) continue;
-        // Skip unflagged elements 8 at a time; flags are 0/1 bytes, so bit 8j marks element j.
-        for (int64_t w = 0; w < len; w += 8) {
-          uint64_t bits = 0;
-          memcpy(&bits, band + w, size_t(std::min<int64_t>(8, len - w)));
-          for (; bits; bits &= bits - 1) {
-            const int64_t i = begin + w + (__builtin_ctzll(bits) >> 3);
-            offs[c].push_back(uint16_t(i - cbegin));
-            keys[c].push_back(key(i));  // read now, while the block is in L1
-          }
-        }
+        select::for_each_flagged(band, len, [&](int64_t j) {
+          offs[c].push_back(uint16_t(begin + j - cbegin));
+          keys[c].push_back(key(begin + j));  // read now, while the block is in L1
+        });
       }
     }
     int64_t above = 0, m = 0;

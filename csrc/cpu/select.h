@@ -29,6 +29,7 @@
 #pragma once
 
 #include <stdint.h>
+#include <string.h>
 
 #include <algorithm>
 #include <cmath>
@@ -95,6 +96,28 @@ void histogram(int64_t n, KeyFn key_of, BinFn bin_of, int64_t bins, std::vector<
       pending += kChunk;
     }
     flush();
+  }
+}
+
+// Packs flags[0, 64) (0/1 bytes) into one word, flag b to bit b, by a carry-free multiply per 8 flags.
+inline uint64_t pack_flags(const uint8_t* flags) {
+  uint64_t word = 0;
+  for (int b = 0; b < 8; ++b) {
+    uint64_t eight;
+    memcpy(&eight, flags + 8 * b, sizeof(eight));
+    word |= ((eight * 0x0102040810204080ull) >> 56) << (8 * b);
+  }
+  return word;
+}
+
+// Calls visit(j) for every j < len with flags[j] == 1, in increasing order, 64 flags per step (the band
+// candidates of a block are sparse). flags must have room for len rounded up to 64: the pad is zeroed here.
+template <class Visit>
+inline void for_each_flagged(uint8_t* flags, int64_t len, Visit visit) {
+  const int64_t words = (len + 63) / 64;
+  std::fill(flags + len, flags + words * 64, uint8_t(0));
+  for (int64_t w = 0; w < words; ++w) {
+    for (uint64_t bits = pack_flags(flags + 64 * w); bits; bits &= bits - 1) visit(64 * w + __builtin_ctzll(bits));
   }
 }
 
