@@ -326,3 +326,16 @@ def test_cpu_result_independent_of_thread_count(backend, device, tmp_path):
                    timeout=300)
     for a, b in zip(torch.load(path), determinism_outputs()):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (9,), (4099,), (3, 2500)])
+def test_cpu_dare_l1_bit_exact(dtype, shape):
+    """rescale="l1" with random sparsification: the CPU statistics pass records the keep decisions as bits and
+    the fused pass replays them; the result must equal the reference bit for bit (segment tails included)."""
+    g = torch.Generator().manual_seed(sum(shape))
+    base = torch.randn(shape, generator=g)
+    models = [(base + 0.1 * torch.randn(shape, generator=g)).to(dtype) for _ in range(3)]
+    got, want = both("cpu", base.to(dtype), models, [1.0, 0.5, 0.2], sparsify="random", density=0.3,
+                     rescale="l1", consensus="sum", seed=5)
+    assert torch.equal(got, want)
