@@ -10,8 +10,6 @@
 // sort), the band candidates (about 1% of n, at most 1/20 of the input's bytes), and the keep bits (1/32 of
 // a float32 input per model); no K x n float buffers. Results do not depend on the thread count: per-element
 // math only, L1 partial sums in fixed segments.
-#include <xmmintrin.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -54,19 +52,12 @@ struct KeepBits {
   bool replay = false;
 };
 
-// out[0, len) = res[0, len) with non-temporal stores where out is 16-byte aligned: the output is written once
-// and not read back, so skipping the read-for-ownership of its cache lines saves a third of the write traffic.
-PYFUSE_INLINE void stream_out(float* out, const float* res, int64_t len) {
-  int64_t j = 0;
-  if ((reinterpret_cast<uintptr_t>(out) & 15) == 0) {
-    for (; j + 4 <= len; j += 4) _mm_stream_ps(out + j, _mm_loadu_ps(res + j));
-  }
-  for (; j < len; ++j) out[j] = res[j];
-}
-
 // The merged values res[0, len) into the output at element start, in the output dtype.
 PYFUSE_INLINE void store_out(const Config& c, int64_t start, int64_t len, const float* res) {
-  if (c.out_dtype == kFloat32) return stream_out(static_cast<float*>(c.out) + start, res, len);
+  if (c.out_dtype == kFloat32) {
+    std::copy(res, res + len, static_cast<float*>(c.out) + start);
+    return;
+  }
   uint16_t* out = static_cast<uint16_t*>(c.out) + start;
   const bool half = c.out_dtype == kFloat16;
   for (int64_t j = 0; j < len; ++j) out[j] = half ? float_to_fp16(res[j]) : float_to_bf16(res[j]);
@@ -544,7 +535,6 @@ void merge_task_vectors(const Config& c, const void* const* x, Model* models, co
       s.keep_bits = segment_bits(g, true);
       fused(c, x, models, g * seg, std::min(seg, c.n - g * seg), seg, s);
     }
-    _mm_sfence();  // order this thread's non-temporal output stores before the region ends
   }
 }
 
