@@ -294,3 +294,20 @@ def test_torch_compile_fullgraph():
     expected = f(*logits)
     for g, e in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(expected)):
         assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKEND_DEVICES if p.values[0] != "triton"])
+@pytest.mark.parametrize("mode,absent", MODES)
+def test_identity_runs_bit_identical(backend, device, mode, absent):
+    """Identity-mapped stretches (a union built from model 0's ids in order; models sharing a tokenizer) across
+    several union tiles of the CPU kernel (2048 ids): full runs, a run broken by one swap, padded ids."""
+    V = 5000
+    same = torch.arange(V, dtype=torch.int32)
+    swapped = same.clone()
+    swapped[[3000, 3001]] = swapped[[3001, 3000]]
+    padded = same.clone()
+    padded[-50:] = -1
+    vmap = SimpleVocabMap([same, swapped, padded], V)
+    logits = make_logits(vmap, 3, torch.float32, device, seed=11)
+    weights = torch.tensor([[0.5, 0.3, 0.2]] * 3, device=device)
+    assert_bit_identical(logits, vmap, weights, [1.0, 0.7, 1.2], mode, absent, backend, 4)
