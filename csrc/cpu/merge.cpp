@@ -142,17 +142,20 @@ template <int32_t kDtype>
 PYFUSE_INLINE void masked_segment(const Config& c, const void* x, const Model& m, uint32_t mi, int64_t start,
                                   int64_t len, Scratch& s, float* masked) {
   const float* bt = s.base.data();
-  for (int64_t j = 0; j < len; ++j) masked[j] = load<kDtype>(x, start + j) - bt[j];
-  if (m.keep_all) return;
-  if (c.sparsify == merge::kMagnitude || c.sparsify == merge::kBreadcrumbs) {  // merge::keep_top
+  if (!m.keep_all && (c.sparsify == merge::kMagnitude || c.sparsify == merge::kBreadcrumbs)) {  // merge::keep_top
     const TopCut keep = top_cut(m.t_keep, m.b_keep, start, len), drop = top_cut(m.t_drop, m.b_drop, start, len);
-    for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {
-      const int32_t key = static_cast<int32_t>(merge::magnitude_key(masked[j]));
+    for (int32_t j = 0; j < static_cast<int32_t>(len); ++j) {  // delta and mask in one sweep
+      const float d = load<kDtype>(x, start + j) - bt[j];
+      const int32_t key = static_cast<int32_t>(merge::magnitude_key(d));
       const uint32_t in_keep = key > (j < keep.split ? keep.low : keep.high);
       const uint32_t in_drop = key > (j < drop.split ? drop.low : drop.high);
-      masked[j] = merge::select(masked[j], in_keep & (in_drop ^ 1u));
+      masked[j] = merge::select(d, in_keep & (in_drop ^ 1u));
     }
-  } else if (c.sparsify == merge::kRandom) {
+    return;
+  }
+  for (int64_t j = 0; j < len; ++j) masked[j] = load<kDtype>(x, start + j) - bt[j];
+  if (m.keep_all) return;
+  if (c.sparsify == merge::kRandom) {
     const float p = m.p_keep;
     keep_random_segment(c, mi, start, len, [p](int64_t) { return p; }, s.keep_bits, masked);
   } else if (c.sparsify == merge::kDella) {  // the segment is one row
@@ -222,12 +225,17 @@ PYFUSE_INLINE void fused_body(const Config& c, const void* const* x, const Model
       }
       continue;
     }
-    for (int64_t j = 0; j < len; ++j) {
-      const uint32_t a = merge::agrees(merge::mul_rn(f, mk[j]), fl[j]);
-      ac[j] += merge::select(merge::mul_rn(alpha, mk[j]), a);
-    }
-    if (agree_q) {
-      for (int64_t j = 0; j < len; ++j) qq[j] += merge::select(dq, merge::agrees(merge::mul_rn(f, mk[j]), fl[j]));
+    if (agree_q) {  // sum and divisor in one sweep
+      for (int64_t j = 0; j < len; ++j) {
+        const uint32_t a = merge::agrees(merge::mul_rn(f, mk[j]), fl[j]);
+        ac[j] += merge::select(merge::mul_rn(alpha, mk[j]), a);
+        qq[j] += merge::select(dq, a);
+      }
+    } else {
+      for (int64_t j = 0; j < len; ++j) {
+        const uint32_t a = merge::agrees(merge::mul_rn(f, mk[j]), fl[j]);
+        ac[j] += merge::select(merge::mul_rn(alpha, mk[j]), a);
+      }
     }
   }
   float* __restrict res = s.res.data();
