@@ -1,6 +1,8 @@
 """Shared test parametrization and tolerances."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -40,3 +42,11 @@ KERNEL_BACKEND_DEVICES = [p for p, (b, _) in zip(BACKEND_DEVICES, _CANDIDATES) i
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None):
     rtol, atol = TOL[dtype or expected.dtype]
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, check_dtype=True)
+
+
+def binomial_ok(kept: int, n: int, p: float, z: float = 5.0) -> bool:
+    """|kept - n p| <= z sqrt(n p (1 - p)): a kept count consistent with Binomial(n, p) (exact when p is 0 or 1).
+    Two-sided false-failure rate about 6e-7 at z = 5, 6e-5 at z = 4."""
+    if p in (0.0, 1.0):
+        return kept == round(n * p)
+    return abs(kept - n * p) <= z * math.sqrt(n * p * (1 - p))

@@ -20,7 +20,7 @@ from safetensors.torch import load_file  # noqa: E402
 
 from pyfuse.integrations import mergekit as pm  # noqa: E402
 from pyfuse.merge.presets import PRESETS  # noqa: E402
-from helpers import assert_close  # noqa: E402
+from helpers import assert_close, binomial_ok  # noqa: E402
 
 FLAGS = ["--quiet", "--no-copy-tokenizer", "--no-write-model-card"]
 
@@ -100,10 +100,6 @@ def test_yaml_deterministic_methods_match_mergekit(tmp_path, checkpoints, pyfuse
         assert_close(ours[k], theirs[k])
 
 
-def _binomial_ok(kept: int, n: int, p: float, z: float = 5.0) -> bool:
-    """Kept count within z = 5 standard deviations of n*p (false-failure rate ~6e-7)."""
-    return abs(kept - n * p) <= z * math.sqrt(n * p * (1 - p))
-
 
 def _check_random_merge(base: dict, model: dict, merged: dict, scale: float, density: float) -> bool:
     """One model merged into base: about density of the matrix elements changed (binomial bound), and each
@@ -118,7 +114,7 @@ def _check_random_merge(base: dict, model: dict, merged: dict, scale: float, den
         if not math.isclose(merged_delta.abs().sum().item(), scale * delta.abs().sum().item(), rel_tol=1e-3,
                             abs_tol=1e-5):
             return False
-    return _binomial_ok(changed, n, density)
+    return binomial_ok(changed, n, density)
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "dare_ties", "della", "della_linear"])

@@ -1,8 +1,6 @@
 """pyfuse.integrations.peft against PEFT's own merge functions and LoraModel.add_weighted_adapter."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -11,6 +9,8 @@ from pyfuse.integrations import peft as pp
 peft = pytest.importorskip("peft", reason="PEFT is not installed")
 from peft.tuners.lora import model as lora_model  # noqa: E402
 from peft.utils import merge_utils as mu  # noqa: E402
+
+from helpers import binomial_ok  # noqa: E402
 
 
 def _tasks(k=3, shape=(37, 19), seed=0):
@@ -86,18 +86,14 @@ def test_dare_equals_peft_formula_with_pyfuse_mask(monkeypatch, method):
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
 
 
-def _binomial_ok(kept: int, n: int, p: float, z: float = 5.0) -> bool:
-    """Kept count within z = 5 standard deviations of n*p (false-failure rate ~6e-7)."""
-    return abs(kept - n * p) <= z * math.sqrt(n * p * (1 - p))
-
 
 def test_dare_mask_density():
     tasks = _tasks(shape=(64, 64))
     masks = _pyfuse_masks(tasks, 0.3, seed=5)
-    assert all(_binomial_ok(int(m.sum()), m.numel(), 0.3) for m in masks)
+    assert all(binomial_ok(int(m.sum()), m.numel(), 0.3) for m in masks)
     assert not torch.equal(masks[0], masks[1])  # one Philox stream per model
     # broken variant: masks drawn at density 0.35 must fail the same bound
-    assert not all(_binomial_ok(int(m.sum()), m.numel(), 0.3) for m in _pyfuse_masks(tasks, 0.35, seed=5))
+    assert not all(binomial_ok(int(m.sum()), m.numel(), 0.3) for m in _pyfuse_masks(tasks, 0.35, seed=5))
 
 
 def test_dare_seed_and_density_zero():

@@ -11,7 +11,7 @@ import torch
 import pyfuse
 from pyfuse.merge import models as merge_models_module
 from pyfuse.merge.presets import FUNCTIONS, PRESETS
-from helpers import assert_close
+from helpers import assert_close, binomial_ok
 
 BACKENDS = ["reference", "cpu"]  # the presets only map knobs; test_merge.py covers every backend
 DETERMINISTIC = ["task_arithmetic", "ties", "breadcrumbs", "breadcrumbs_ties"]
@@ -92,10 +92,6 @@ def test_task_arithmetic_bf16_matches_mergekit_within_rounding():
 # ---------------------------------------------------------------- random presets: structure and statistics
 
 
-def _binomial_ok(kept: int, n: int, p: float, z: float = 5.0) -> bool:
-    """Kept count within z = 5 standard deviations of n*p (false-failure rate ~6e-7)."""
-    return abs(kept - n * p) <= z * math.sqrt(n * p * (1 - p))
-
 
 @pytest.mark.parametrize("name", RANDOM)
 def test_random_presets_keep_density_and_restore_l1(name):
@@ -109,10 +105,10 @@ def test_random_presets_keep_density_and_restore_l1(name):
     assert math.isclose(kept_delta.abs().sum().item(), delta.abs().sum().item(), rel_tol=1e-4)
     ratio = kept_delta[kept] / delta[kept]
     assert_close(ratio, torch.full_like(ratio, ratio[0].item()))
-    assert _binomial_ok(int(kept.sum()), delta.numel(), 0.3)
+    assert binomial_ok(int(kept.sum()), delta.numel(), 0.3)
     # the broken variant: a mask drawn at density 0.4 must fail the same bound
     broken = FUNCTIONS[name](base, models, density=0.4, seed=7)
-    assert not _binomial_ok(int(((broken - base) != 0).sum()), delta.numel(), 0.3)
+    assert not binomial_ok(int(((broken - base) != 0).sum()), delta.numel(), 0.3)
 
 
 def test_della_keeps_large_magnitudes_more_often():
@@ -128,7 +124,7 @@ def test_della_keeps_large_magnitudes_more_often():
         for lo, hi in ((0.0, 0.2), (0.8, 1.0)):
             sel = (rank >= lo) & (rank <= hi)
             p = 0.1 + 0.4 * rank[sel].mean().item()
-            ok &= _binomial_ok(int(kept[sel].sum()), int(sel.sum()), p)
+            ok &= binomial_ok(int(kept[sel].sum()), int(sel.sum()), p)
         return ok
 
     assert fifths_ok(pyfuse.della_linear(base, models, density=0.3, epsilon=0.2, seed=3))

@@ -11,13 +11,12 @@ variants and their control use the reference core with torch uniforms.
 """
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
 from pyfuse.reference import spec as ref
 from pyfuse.spec import rejection_sample
+from helpers import binomial_ok
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -45,11 +44,6 @@ def chi2_ok(counts: torch.Tensor, probs: torch.Tensor) -> bool:
     stat = float(((obs - exp) ** 2 / exp).sum())
     return stat <= stats.chi2.isf(ALPHA, obs.numel() - 1)
 
-
-def binomial_ok(k: int, n: int, prob: float) -> bool:
-    if prob in (0.0, 1.0):
-        return k == round(n * prob)
-    return abs(k - n * prob) <= Z * math.sqrt(n * prob * (1 - prob))
 
 
 # ---- the samplers under test -----------------------------------------------------------------------------
@@ -155,7 +149,7 @@ def acceptance_ok(res, p, q) -> bool:
         reached = int((num >= i).sum())
         if reached < 1000:
             continue
-        if not binomial_ok(int((num >= i + 1).sum()), reached, float(alpha[i])):
+        if not binomial_ok(int((num >= i + 1).sum()), reached, float(alpha[i]), Z):
             return False
     return True
 
