@@ -403,80 +403,116 @@ using BandFn = int64_t (*)(const void*, const void*, int64_t, int64_t, uint32_t,
 // Candidate offsets inside one fixed chunk fit 16 bits.
 static_assert(select::kChunk <= 65536, "chunk offsets are stored as uint16");
 
-// top_set in one read of x and base: a sampled key band (select::sample_band) that holds the k-th largest
-// key; one pass counts the keys above the band and collects the band's keys (with their offsets in their
-// fixed chunk, so in flat order); the threshold is then selected exactly among those candidates. Falls
-// back to top_set (two or three reads) for small inputs, when the band misses, or with heavy ties (more
-// candidates than 1/20 of the input's bytes).
-template <int32_t kDtype, class KeyFn>
-void band_top_set(const void* x, const void* base, int64_t n, int64_t k, KeyFn key_of, BandFn band_fn, uint32_t* t,
-                  int64_t* b) {
-  constexpr int64_t kSampleMin = 1 << 18;  // below this a full histogram pass is cheap anyway
-  constexpr int64_t kBlock = 4096;         // keys and flags of a block stay in L1
-  const int64_t fit = n * dtype_size(kDtype) / 20 / 10;  // 10 bytes per candidate, 2x reserve slack
-  const select::Band band =
-      k > 0 && k < n && n >= kSampleMin ? select::sample_band<31>(n, k, key_of) : select::Band{};
-  if (band.hi == 0 || band.expected > fit) return top_set(n, k, key_of, t, b);
-  const int64_t chunks = select::num_chunks(n);
-  const int64_t reserve = band.expected / chunks * 5 / 4 + 16;
-  std::vector<std::vector<uint16_t>> offs(chunks);
-  std::vector<std::vector<uint32_t>> keys(chunks);
-  std::vector<int64_t> above_chunk(chunks, 0);
-#pragma omp parallel for schedule(dynamic) if (chunks > 1)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t cbegin = c * select::kChunk, cend = std::min(n, cbegin + select::kChunk);
-    offs[c].reserve(static_cast<size_t>(reserve));
-    keys[c].reserve(static_cast<size_t>(reserve));
-    alignas(64) uint32_t key[kBlock];
-    alignas(64) uint8_t flag[kBlock];
-    for (int64_t begin = cbegin; begin < cend; begin += kBlock) {
-      const int64_t len = std::min(kBlock, cend - begin);
-      if (band_fn(x, base, begin, len, band.lo, band.hi, key, flag, &above_chunk[c]) == 0) continue;
-      select::for_each_flagged(flag, len, [&](int64_t j) {
-        offs[c].push_back(static_cast<uint16_t>(begin + j - cbegin));
-        keys[c].push_back(key[j]);
-      });
-    }
-  }
+// One exact top-k set of |x_i - base| (a model's kept or dropped set), resolved by band_top_sets.
+struct TopJob {
+  const void* x;
+  int64_t k;
+  uint32_t* t;  // the (t, b) form of the set, as top_set gives it
+  int64_t* b;
+  select::Band band;
+  std::vector<std::vector<uint16_t>> offs;  // per fixed chunk: the band's elements (offset in the chunk)
+  std::vector<std::vector<uint32_t>> keys;  // and their keys
+  std::vector<int64_t> above;               // per fixed chunk: keys >= band.hi
+};
+
+template <int32_t kDtype>
+auto magnitude_keys(const void* x, const void* base) {
+  return [x, base](int64_t j) {
+    const float b = base == nullptr ? 0.0f : load<kDtype>(base, j);
+    return merge::magnitude_key(load<kDtype>(x, j) - b);
+  };
+}
+
+// The threshold of a job whose band sweep is done: exact selection among the band's candidates, or top_set
+// (two or three more reads) when the band missed the k-th key.
+template <int32_t kDtype>
+void finish_job(const Config& c, TopJob& job) {
+  const int64_t chunks = select::num_chunks(c.n);
   int64_t above = 0, m = 0;
-  for (int64_t c = 0; c < chunks; ++c) {
-    above += above_chunk[c];
-    m += static_cast<int64_t>(offs[c].size());
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    above += job.above[ch];
+    m += static_cast<int64_t>(job.offs[ch].size());
   }
-  if (above >= k || above + m < k) return top_set(n, k, key_of, t, b);  // the band missed the k-th key
+  if (above >= job.k || above + m < job.k) return top_set(c.n, job.k, magnitude_keys<kDtype>(job.x, c.base), job.t, job.b);
   std::vector<uint32_t> all;  // candidate keys in flat index order
   all.reserve(static_cast<size_t>(m));
-  for (int64_t c = 0; c < chunks; ++c) all.insert(all.end(), keys[c].begin(), keys[c].end());
-  const select::Threshold th = select::select_threshold<31>(m, k - above, [&all](int64_t j) { return all[j]; });
-  *t = th.key;
-  *b = INT64_MAX;
+  for (int64_t ch = 0; ch < chunks; ++ch) all.insert(all.end(), job.keys[ch].begin(), job.keys[ch].end());
+  const select::Threshold th = select::select_threshold<31>(m, job.k - above, [&all](int64_t j) { return all[j]; });
+  *job.t = th.key;
+  *job.b = INT64_MAX;
   if (th.equal_kept == th.equal_total) return;
   int64_t need = th.equal_kept;  // the tie bound: one past the equal_kept-th candidate equal to t
-  for (int64_t c = 0; c < chunks; ++c) {
-    for (size_t j = 0; j < offs[c].size(); ++j) {
-      if (keys[c][j] == th.key && --need == 0) {
-        *b = c * select::kChunk + offs[c][j] + 1;
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    for (size_t j = 0; j < job.offs[ch].size(); ++j) {
+      if (job.keys[ch][j] == th.key && --need == 0) {
+        *job.b = ch * select::kChunk + job.offs[ch][j] + 1;
         return;
       }
     }
   }
 }
 
+// top_set for every job in one read of the models and base: each job gets a sampled key band
+// (select::sample_band) that holds its k-th largest key; one sweep over fixed chunks then counts, per job,
+// the keys above the band and collects the band's keys with their offsets (so in flat order), every job of
+// a block while that block of base (and of its model) is in L1; each threshold is then selected exactly
+// among its candidates. A job falls back to top_set for small inputs, when its band misses, or with heavy
+// ties (more candidates than 1/20 of the input's bytes).
+template <int32_t kDtype>
+void band_top_sets(const Config& c, std::vector<TopJob>& jobs, BandFn band_fn) {
+  constexpr int64_t kSampleMin = 1 << 18;  // below this a full histogram pass is cheap anyway
+  constexpr int64_t kBlock = 4096;         // keys and flags of a block stay in L1
+  const int64_t n = c.n, chunks = select::num_chunks(n);
+  const int64_t fit = n * dtype_size(kDtype) / 20 / 10;  // 10 bytes per candidate, 2x reserve slack
+  std::vector<TopJob*> banded;
+  for (TopJob& job : jobs) {
+    const auto key_of = magnitude_keys<kDtype>(job.x, c.base);
+    if (job.k > 0 && job.k < n && n >= kSampleMin) job.band = select::sample_band<31>(n, job.k, key_of);
+    if (job.band.hi == 0 || job.band.expected > fit) {
+      top_set(n, job.k, key_of, job.t, job.b);
+      continue;
+    }
+    job.offs.resize(chunks);
+    job.keys.resize(chunks);
+    job.above.assign(chunks, 0);
+    banded.push_back(&job);
+  }
+  if (banded.empty()) return;
+#pragma omp parallel for schedule(dynamic) if (chunks > 1)
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    const int64_t cbegin = ch * select::kChunk, cend = std::min(n, cbegin + select::kChunk);
+    for (TopJob* job : banded) {
+      const size_t reserve = static_cast<size_t>(job->band.expected / chunks * 5 / 4 + 16);
+      job->offs[ch].reserve(reserve);
+      job->keys[ch].reserve(reserve);
+    }
+    alignas(64) uint32_t key[kBlock];
+    alignas(64) uint8_t flag[kBlock];
+    for (int64_t begin = cbegin; begin < cend; begin += kBlock) {
+      const int64_t len = std::min(kBlock, cend - begin);
+      for (TopJob* job : banded) {
+        if (band_fn(job->x, c.base, begin, len, job->band.lo, job->band.hi, key, flag, &job->above[ch]) == 0) continue;
+        select::for_each_flagged(flag, len, [&](int64_t j) {
+          job->offs[ch].push_back(static_cast<uint16_t>(begin + j - cbegin));
+          job->keys[ch].push_back(key[j]);
+        });
+      }
+    }
+  }
+  for (TopJob* job : banded) finish_job<kDtype>(c, *job);
+}
+
 template <int32_t kDtype>
 void thresholds(const Config& c, const void* const* x, const int64_t* k_keep, const int64_t* k_drop, BandFn band_fn,
                 Model* models) {
+  std::vector<TopJob> jobs;
   for (int32_t i = 0; i < c.k; ++i) {
     Model& m = models[i];
     if (m.keep_all) continue;
-    const void* xi = x[i];
-    const void* base = c.base;
-    auto key_of = [xi, base](int64_t j) {
-      const float b = base == nullptr ? 0.0f : load<kDtype>(base, j);
-      return merge::magnitude_key(load<kDtype>(xi, j) - b);
-    };
-    band_top_set<kDtype>(xi, base, c.n, k_keep[i], key_of, band_fn, &m.t_keep, &m.b_keep);
-    band_top_set<kDtype>(xi, base, c.n, k_drop[i], key_of, band_fn, &m.t_drop, &m.b_drop);
+    jobs.push_back(TopJob{x[i], k_keep[i], &m.t_keep, &m.b_keep, {}, {}, {}, {}});
+    jobs.push_back(TopJob{x[i], k_drop[i], &m.t_drop, &m.b_drop, {}, {}, {}, {}});
   }
+  band_top_sets<kDtype>(c, jobs, band_fn);
 }
 
 using FusedFn = void (*)(const Config&, const void* const*, const Model*, int64_t, int64_t, int64_t, Scratch&);
