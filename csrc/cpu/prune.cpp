@@ -91,11 +91,11 @@ struct MagnitudePrune {
       return;
     }
     // A sampled band can miss; a retry rewrites out from x, so only when x is not out.
-    uint32_t lo, hi;
-    int64_t expected;
-    if (x != out && n >= kSampleMin && sample_band(&lo, &hi, &expected) && write_band(lo, hi, per_chunk(expected)))
-      return;
     auto key_of = [this](int64_t i) { return key(i); };
+    if (x != out && n >= kSampleMin) {  // select::sample_band reads 1/64 of the keys; skipped when ties crowd it
+      const select::Band band = select::sample_band<kKeyBits>(n, k, key_of);
+      if (candidates_fit(band.expected) && write_band(band.lo, band.hi, per_chunk(band.expected))) return;
+    }
     const select::Bucket b = select::find_bucket<kKeyBits>(n, k, key_of);
     if (candidates_fit(b.count)) {
       write_band(b.bin << b.shift, (b.bin + 1u) << b.shift, per_chunk(b.count));  // holds the threshold
@@ -111,34 +111,6 @@ struct MagnitudePrune {
       const int64_t begin = c * kChunk, end = std::min(n, begin + kChunk);
       memset(out + begin, 0, size_t(end - begin) * sizeof(Bits));
     }
-  }
-
-  // Estimates a narrow key band [lo, hi) around the k-th largest key from a sample of n/64 keys (at
-  // least 65536, for a band narrow enough on smaller inputs), taken as runs of 64 consecutive elements
-  // spread evenly (cache friendly, deterministic), with a 4-sigma binomial margin on the sampled rank.
-  // Costs 1/64 of the full histogram pass it replaces. False when the band would hold too many
-  // candidates (heavy ties).
-  bool sample_band(uint32_t* lo, uint32_t* hi, int64_t* expected) const {
-    constexpr int64_t kRun = 64;
-    constexpr int shift = kKeyBits > 16 ? kKeyBits - 16 : 0;
-    const int64_t runs = std::max(n / 64, std::min<int64_t>(n / 4, 65536)) / kRun;
-    const int64_t stride = n / runs, s = runs * kRun;
-    std::vector<int64_t> hist;
-    select::histogram(
-        s, [this, stride](int64_t i) { return key(i / kRun * stride + i % kRun); },
-        [](uint32_t key, uint32_t* h) { ++h[key >> shift]; }, int64_t(1) << (kKeyBits - shift), hist);
-    const double p = double(k) / double(n), rank = p * double(s);
-    const double margin = 4.0 * std::sqrt(double(s) * p * (1.0 - p)) + 2.0;
-    const int64_t upper = int64_t(rank - margin), lower = int64_t(rank + margin) + 1;  // sample ranks
-    int64_t unused;
-    const uint32_t top = select::top_bin(hist, std::max<int64_t>(upper, 1), &unused);
-    const uint32_t bottom = lower > s ? 0u : select::top_bin(hist, lower, &unused);
-    *hi = upper < 1 ? (uint32_t(1) << kKeyBits) : (top + 1u) << shift;
-    *lo = bottom << shift;
-    int64_t sampled = 0;
-    for (uint32_t b = bottom; b < (*hi >> shift); ++b) sampled += hist[b];
-    *expected = sampled * (n / s);
-    return candidates_fit(*expected);
   }
 
   // Keeps every key >= lo and records the elements of [lo, hi) (offset in their fixed chunk, and
