@@ -74,7 +74,7 @@ def test_knobs_match_reference(backend, device, combo):
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
-@pytest.mark.parametrize("k", [1, 2, 3, 8, 33])
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8, 33])
 def test_model_counts(backend, device, k):
     base, models = task_inputs((3, 11) if backend == "triton" else (13, 29), k, torch.float32, device, seed=k)
     knob_sets = [dict(sparsify="magnitude", consensus="sum", normalize="agree_weight"),

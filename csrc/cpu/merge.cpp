@@ -179,6 +179,68 @@ PYFUSE_INLINE void load_base(const Config& c, int64_t start, int64_t len, Scratc
   }
 }
 
+// The election and the combination of K masked models in one sweep per element: K, the election term and
+// whether the divisor counts agreeing models fixed at compile time, so that the model loops unroll and the
+// element loop vectorizes. The same operations in the same order as fused_body's generic sweeps.
+template <int kK, int32_t kConsensus, bool kAgreeQ>
+PYFUSE_INLINE void elect_combine(const float* const* masked, const float* f, const float* alpha, const float* dq,
+                                 float q0, int64_t len, float* __restrict ac, float* __restrict qq) {
+  const float* mk[kK];
+  float fi[kK], ai[kK], di[kK];
+  for (int i = 0; i < kK; ++i) {
+    mk[i] = masked[i];
+    fi[i] = f[i];
+    ai[i] = alpha[i];
+    di[i] = dq[i];
+  }
+  for (int64_t j = 0; j < len; ++j) {
+    float tot = 0.0f;
+    for (int i = 0; i < kK; ++i) tot += merge::election_term(merge::mul_rn(fi[i], mk[i][j]), kConsensus);
+    const uint32_t flip = merge::flip_of(tot);
+    float a_sum = 0.0f, q_sum = q0;
+    for (int i = 0; i < kK; ++i) {
+      const uint32_t agree = merge::agrees(merge::mul_rn(fi[i], mk[i][j]), flip);
+      a_sum += merge::select(merge::mul_rn(ai[i], mk[i][j]), agree);
+      if (kAgreeQ) q_sum += merge::select(di[i], agree);
+    }
+    ac[j] = a_sum;
+    qq[j] = q_sum;
+  }
+}
+
+// elect_combine for 2 to 4 models (the common merges); false for other K (fused_body's generic sweeps).
+PYFUSE_INLINE bool elect_combine_fixed_k(const Config& c, const Model* models, Scratch& s, int64_t stride, int64_t len,
+                                         float* ac, float* qq) {
+  if (c.k < 2 || c.k > 4) return false;
+  const float* masked[4];
+  float f[4], alpha[4], dq[4];
+  for (int32_t i = 0; i < c.k; ++i) {
+    masked[i] = &s.masked[i * stride];
+    f[i] = c.weighted ? models[i].alpha : models[i].scale;  // merge::election_input
+    alpha[i] = models[i].alpha;
+    dq[i] = merge::divisor_term(models[i], c.normalize);
+  }
+  const bool agree_q = c.normalize == merge::kAgreeWeight || c.normalize == merge::kAgreeCount;
+  const float q0 = c.normalize == merge::kAllWeight ? c.all_weight_q : 0.0f;
+  const bool count = c.consensus == merge::kCount;
+#define PYFUSE_ELECT(K)                                                                                     \
+  if (c.k == K) {                                                                                           \
+    if (count) {                                                                                            \
+      agree_q ? elect_combine<K, merge::kCount, true>(masked, f, alpha, dq, q0, len, ac, qq)                \
+              : elect_combine<K, merge::kCount, false>(masked, f, alpha, dq, q0, len, ac, qq);              \
+    } else {                                                                                                \
+      agree_q ? elect_combine<K, merge::kSum, true>(masked, f, alpha, dq, q0, len, ac, qq)                  \
+              : elect_combine<K, merge::kSum, false>(masked, f, alpha, dq, q0, len, ac, qq);                \
+    }                                                                                                       \
+    return true;                                                                                            \
+  }
+  PYFUSE_ELECT(2)
+  PYFUSE_ELECT(3)
+  PYFUSE_ELECT(4)
+#undef PYFUSE_ELECT
+  return false;
+}
+
 // Fused pass over one segment: masks, election, combination, output.
 template <int32_t kDtype>
 PYFUSE_INLINE void fused_body(const Config& c, const void* const* x, const Model* models, int64_t start, int64_t len,
@@ -198,6 +260,12 @@ PYFUSE_INLINE void fused_body(const Config& c, const void* const* x, const Model
   const int32_t consensus = c.consensus, normalize = c.normalize;
   const bool vote = consensus != merge::kConsensusNone;
   const bool agree_q = normalize == merge::kAgreeWeight || normalize == merge::kAgreeCount;
+  if (vote && elect_combine_fixed_k(c, models, s, stride, len, ac, qq)) {
+    float* __restrict res = s.res.data();
+    const float* __restrict bt = s.base.data();
+    for (int64_t j = 0; j < len; ++j) res[j] = merge::finish(ac[j], qq[j], normalize, c.lam, bt[j]);
+    return store_out(c, start, len, res);
+  }
   std::fill(fl, fl + len, 0u);
   if (vote) {
     std::fill(tot, tot + len, 0.0f);
