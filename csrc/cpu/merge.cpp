@@ -208,7 +208,7 @@ PYFUSE_INLINE void elect_combine(const float* const* masked, const float* f, con
   }
 }
 
-// elect_combine for 2 to 4 models (the common merges); false for other K (fused_body's generic sweeps).
+// elect_combine for 2 to 4 models (the common merges); false for other K (generic_elect_combine then).
 PYFUSE_INLINE bool elect_combine_fixed_k(const Config& c, const Model* models, Scratch& s, int64_t stride, int64_t len,
                                          float* ac, float* qq) {
   if (c.k < 2 || c.k > 4) return false;
@@ -241,31 +241,18 @@ PYFUSE_INLINE bool elect_combine_fixed_k(const Config& c, const Model* models, S
   return false;
 }
 
-// Fused pass over one segment: masks, election, combination, output.
-template <int32_t kDtype>
-PYFUSE_INLINE void fused_body(const Config& c, const void* const* x, const Model* models, int64_t start, int64_t len,
-                              int64_t stride, Scratch& s) {
-  load_base<kDtype>(c, start, len, s);
-  for (int32_t i = 0; i < c.k; ++i) masked_segment<kDtype>(c, x[i], models[i], i, start, len, s, &s.masked[i * stride]);
-  float* total = s.total.data();
-  uint32_t* flip = s.flip.data();
-  float* acc = s.acc.data();
-  float* q = s.q.data();
+// Election and combination (into s.acc, s.q) for any K and knobs: one sweep over the segment per step and model.
+PYFUSE_INLINE void generic_elect_combine(const Config& c, const Model* models, Scratch& s, int64_t stride,
+                                         int64_t len) {
   // Scalars copied into locals and restrict pointers: a float store could otherwise alias the Model and
   // Config floats, which keeps GCC from vectorizing these loops.
-  float* __restrict tot = total;
-  float* __restrict ac = acc;
-  float* __restrict qq = q;
-  uint32_t* __restrict fl = flip;
+  float* __restrict tot = s.total.data();
+  float* __restrict ac = s.acc.data();
+  float* __restrict qq = s.q.data();
+  uint32_t* __restrict fl = s.flip.data();
   const int32_t consensus = c.consensus, normalize = c.normalize;
   const bool vote = consensus != merge::kConsensusNone;
   const bool agree_q = normalize == merge::kAgreeWeight || normalize == merge::kAgreeCount;
-  if (vote && elect_combine_fixed_k(c, models, s, stride, len, ac, qq)) {
-    float* __restrict res = s.res.data();
-    const float* __restrict bt = s.base.data();
-    for (int64_t j = 0; j < len; ++j) res[j] = merge::finish(ac[j], qq[j], normalize, c.lam, bt[j]);
-    return store_out(c, start, len, res);
-  }
   std::fill(fl, fl + len, 0u);
   if (vote) {
     std::fill(tot, tot + len, 0.0f);
@@ -306,8 +293,23 @@ PYFUSE_INLINE void fused_body(const Config& c, const void* const* x, const Model
       }
     }
   }
+}
+
+// Fused pass over one segment: masks, election, combination, output.
+template <int32_t kDtype>
+PYFUSE_INLINE void fused_body(const Config& c, const void* const* x, const Model* models, int64_t start, int64_t len,
+                              int64_t stride, Scratch& s) {
+  load_base<kDtype>(c, start, len, s);
+  for (int32_t i = 0; i < c.k; ++i) masked_segment<kDtype>(c, x[i], models[i], i, start, len, s, &s.masked[i * stride]);
+  float* __restrict ac = s.acc.data();
+  float* __restrict qq = s.q.data();
+  const bool vote = c.consensus != merge::kConsensusNone;
+  if (!(vote && elect_combine_fixed_k(c, models, s, stride, len, ac, qq))) {
+    generic_elect_combine(c, models, s, stride, len);
+  }
   float* __restrict res = s.res.data();
   const float* __restrict bt = s.base.data();
+  const int32_t normalize = c.normalize;
   const float lam = c.lam;
   for (int64_t j = 0; j < len; ++j) res[j] = merge::finish(ac[j], qq[j], normalize, lam, bt[j]);
   store_out(c, start, len, res);

@@ -95,7 +95,7 @@ void step(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, floa
 }  // namespace avx2
 #pragma GCC pop_options
 
-// count uniforms in steps of `step` counters; the tail goes through a scratch step.
+// count uniforms in steps of kStep counters; the tail goes through a scratch step.
 template <int kStep, void (*kStepFn)(uint64_t, uint64_t, uint32_t, uint32_t, float*)>
 void run_steps(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u, int64_t count) {
   int64_t l = 0;
@@ -117,41 +117,32 @@ void uniforms_avx2(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purp
 
 using UniformsFn = void (*)(uint64_t, uint64_t, uint32_t, uint32_t, float*, int64_t);
 
-bool supported(PhiloxIsa isa) {
-  __builtin_cpu_init();
-  if (isa == kPhiloxAvx512) return __builtin_cpu_supports("avx512f");
-  if (isa == kPhiloxAvx2) return __builtin_cpu_supports("avx2");
-  return isa == kPhiloxScalar;
-}
-
 UniformsFn path(PhiloxIsa isa) {
   if (isa == kPhiloxAvx512) return uniforms_avx512;
   if (isa == kPhiloxAvx2) return uniforms_avx2;
   return uniforms_scalar;
 }
 
-UniformsFn widest() {
-  if (supported(kPhiloxAvx512)) return uniforms_avx512;
-  if (supported(kPhiloxAvx2)) return uniforms_avx2;
-  return uniforms_scalar;
-}
-
 }  // namespace
 
+bool philox_isa_usable(PhiloxIsa isa) {
+  __builtin_cpu_init();
+  if (isa == kPhiloxAvx512) return __builtin_cpu_supports("avx512f");
+  if (isa == kPhiloxAvx2) return __builtin_cpu_supports("avx2");
+  return isa == kPhiloxAuto || isa == kPhiloxScalar;
+}
+
 void philox_uniforms(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u, int64_t count) {
-  static const UniformsFn fn = widest();
+  static const UniformsFn fn = path(philox_isa_usable(kPhiloxAvx512) ? kPhiloxAvx512
+                                    : philox_isa_usable(kPhiloxAvx2) ? kPhiloxAvx2
+                                                                     : kPhiloxScalar);
   fn(seed, first, stream, purpose, u, count);
 }
 
-bool philox_uniforms_isa(PhiloxIsa isa, uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u,
+void philox_uniforms_isa(PhiloxIsa isa, uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u,
                          int64_t count) {
-  if (isa == kPhiloxAuto) {
-    philox_uniforms(seed, first, stream, purpose, u, count);
-    return true;
-  }
-  if (!supported(isa)) return false;
+  if (isa == kPhiloxAuto) return philox_uniforms(seed, first, stream, purpose, u, count);
   path(isa)(seed, first, stream, purpose, u, count);
-  return true;
 }
 
 }  // namespace cpu

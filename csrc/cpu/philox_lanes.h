@@ -15,8 +15,11 @@ enum PhiloxIsa : int32_t { kPhiloxAuto = 0, kPhiloxAvx512 = 1, kPhiloxAvx2 = 2, 
 // the kernels call it once per block of a few hundred or thousand elements.
 void philox_uniforms(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u, int64_t count);
 
-// Same, on a named path; false when this CPU cannot run it (for the tests of every path).
-bool philox_uniforms_isa(PhiloxIsa isa, uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u,
+// Whether this CPU can run a path (kPhiloxAuto and kPhiloxScalar always).
+bool philox_isa_usable(PhiloxIsa isa);
+
+// philox_uniforms on a named path, for the tests of every path. Requires philox_isa_usable(isa).
+void philox_uniforms_isa(PhiloxIsa isa, uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u,
                          int64_t count);
 
 }  // namespace cpu
