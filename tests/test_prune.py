@@ -101,6 +101,24 @@ def test_magnitude_unrepresentative_sample(backend, device, density):
     assert_same_bits(pyfuse.magnitude_prune(x, density, backend=backend), ref.magnitude_prune(x, density))
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cpu_band_paths_identical(dtype):
+    """The CPU write pass collects the band's candidates with AVX-512 compress-stores when the CPU has
+    them, else with a portable flag scan: both must equal the reference. Sorted input packs every
+    candidate into a few chunks (their buffers must grow); n = 1000003 leaves a tail of 3 elements."""
+    from pyfuse._ext import cpu_ext, dtype_code
+    gen = torch.Generator().manual_seed(8)
+    n = 1_000_003
+    for x in (torch.randn(n, generator=gen).to(dtype), torch.randn(n, generator=gen).sort().values.to(dtype)):
+        for density in (0.2, 0.5):
+            want = ref.magnitude_prune(x, density)
+            for vector in (True, False):
+                out = torch.empty_like(x)
+                cpu_ext().magnitude_prune(x.data_ptr(), out.data_ptr(), n, dtype_code(x),
+                                          ref.keep_count(density, n), vector)
+                assert_same_bits(out, want)
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
 def test_magnitude_nan_is_largest(backend, device):
     x = torch.tensor([1.0, float("nan"), -2.0, 0.5, float("-inf"), float("nan"), 3.0], device=device)

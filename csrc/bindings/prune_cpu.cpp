@@ -5,7 +5,7 @@
 // Defined in csrc/cpu/prune.cpp.
 namespace pyfuse {
 namespace cpu {
-void magnitude_prune(const void* x, void* out, int64_t n, int32_t dtype, int64_t k);
+void magnitude_prune(const void* x, void* out, int64_t n, int32_t dtype, int64_t k, bool vector);
 void random_prune(const void* x, void* out, int64_t n, int32_t dtype, float density, bool rescale, uint64_t seed,
                   uint32_t purpose);
 }  // namespace cpu
@@ -14,10 +14,15 @@ void random_prune(const void* x, void* out, int64_t n, int32_t dtype, float dens
 PYFUSE_BINDINGS(prune) {
   m.def(
       "magnitude_prune",
-      [](uintptr_t x, uintptr_t out, int64_t n, int32_t dtype, int64_t k) {
-        pyfuse::cpu::magnitude_prune(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), n, dtype, k);
+      [](uintptr_t x, uintptr_t out, int64_t n, int32_t dtype, int64_t k, bool vector) {
+        pyfuse::cpu::magnitude_prune(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), n, dtype, k,
+                                     vector);
       },
-      PYFUSE_NOGIL, "Keep the k entries of largest |x| (ties: lowest flat index); x may equal out.");
+      pybind11::arg("x"), pybind11::arg("out"), pybind11::arg("n"), pybind11::arg("dtype"), pybind11::arg("k"),
+      pybind11::arg("vector") = true,
+      PYFUSE_NOGIL,
+      "Keep the k entries of largest |x| (ties: lowest flat index); x may equal out. vector=False keeps to the "
+      "portable write pass (tests).");
   m.def(
       "random_prune",
       [](uintptr_t x, uintptr_t out, int64_t n, int32_t dtype, float density, bool rescale, uint64_t seed,

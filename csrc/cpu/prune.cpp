@@ -14,13 +14,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/clones.h"
+#include "cpu/philox_lanes.h"
+#include "cpu/prune_band.h"
 #include "cpu/select.h"
 #include "pyfuse/common.h"
-#include "cpu/philox_lanes.h"
-
-// Runtime dispatch: one build, widest vectors the CPU has (never -march=native).
-#define PYFUSE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define PYFUSE_INLINE __attribute__((always_inline)) inline
 
 namespace pyfuse {
 namespace cpu {
@@ -29,37 +27,17 @@ namespace {
 using select::kChunk;
 
 // out[i] = x[i] where key >= lo, else +0, as an integer bit-mask select so that it vectorizes.
-// With band != nullptr also flags band[i] = (lo <= key < hi), returns how many were flagged and adds
-// the number of keys >= hi to *above.
-template <class Bits, bool kBand>
-PYFUSE_INLINE int64_t keep_from_body(const Bits* x, Bits* out, uint8_t* band, int64_t len, uint32_t lo, uint32_t hi,
-                                     int64_t* above) {
+template <class Bits>
+PYFUSE_INLINE void keep_from_body(const Bits* x, Bits* out, int64_t len, uint32_t lo) {
   constexpr uint32_t kAbs = sizeof(Bits) == 4 ? 0x7fffffffu : 0x7fffu;
-  uint32_t in_band = 0, over = 0;  // 32-bit counts (blocks are short): no widening in the vector loop
-  for (int64_t i = 0; i < len; ++i) {
-    const uint32_t key = uint32_t(x[i]) & kAbs;
-    const Bits keep = Bits(0) - Bits(key >= lo);
-    out[i] = x[i] & keep;
-    if (kBand) {
-      const uint8_t f = uint8_t((key >= lo) & (key < hi));
-      band[i] = f;
-      in_band += f;
-      over += key >= hi;
-    }
-  }
-  if (kBand) *above += over;
-  return in_band;
+  for (int64_t i = 0; i < len; ++i) out[i] = x[i] & (Bits(0) - Bits((uint32_t(x[i]) & kAbs) >= lo));
 }
 
-PYFUSE_CLONES int64_t keep_from(const uint32_t* x, uint32_t* out, uint8_t* band, int64_t len, uint32_t lo,
-                                uint32_t hi, int64_t* above) {
-  return band ? keep_from_body<uint32_t, true>(x, out, band, len, lo, hi, above)
-              : keep_from_body<uint32_t, false>(x, out, band, len, lo, hi, above);
+PYFUSE_CLONES void keep_from(const uint32_t* x, uint32_t* out, int64_t len, uint32_t lo) {
+  keep_from_body(x, out, len, lo);
 }
-PYFUSE_CLONES int64_t keep_from(const uint16_t* x, uint16_t* out, uint8_t* band, int64_t len, uint32_t lo,
-                                uint32_t hi, int64_t* above) {
-  return band ? keep_from_body<uint16_t, true>(x, out, band, len, lo, hi, above)
-              : keep_from_body<uint16_t, false>(x, out, band, len, lo, hi, above);
+PYFUSE_CLONES void keep_from(const uint16_t* x, uint16_t* out, int64_t len, uint32_t lo) {
+  keep_from_body(x, out, len, lo);
 }
 
 // Candidate offsets inside one fixed chunk fit 16 bits.
@@ -68,12 +46,12 @@ static_assert(kChunk <= 65536, "chunk offsets are stored as uint16");
 template <class Bits, int kKeyBits>
 struct MagnitudePrune {
   static constexpr uint32_t kAbs = (uint32_t(1) << kKeyBits) - 1u;
-  static constexpr int64_t kBlock = 4096;       // write-pass block: its candidate flags stay in L1
   static constexpr int64_t kSampleMin = 1 << 18;  // below this a full histogram pass is cheap anyway
 
   const Bits* x;
   Bits* out;
   int64_t n, k;
+  bool avx512;  // the write pass's band collection may use AVX-512 (prune_band.h)
 
   uint32_t key(int64_t i) const { return uint32_t(x[i]) & kAbs; }
 
@@ -119,40 +97,31 @@ struct MagnitudePrune {
   // `expected` (candidates per chunk) only sizes the buffers.
   bool write_band(uint32_t lo, uint32_t hi, int64_t expected) const {
     const int64_t chunks = select::num_chunks(n);
-    std::vector<std::vector<uint16_t>> offs(chunks);
-    std::vector<std::vector<uint32_t>> keys(chunks);
+    std::vector<BandCandidates> cand(chunks);
     std::vector<int64_t> above_chunk(chunks, 0);
 #pragma omp parallel for schedule(static) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
-      const int64_t cbegin = c * kChunk, cend = std::min(n, cbegin + kChunk);
-      offs[c].reserve(size_t(expected));
-      keys[c].reserve(size_t(expected));
-      alignas(64) uint8_t band[kBlock];
-      for (int64_t begin = cbegin; begin < cend; begin += kBlock) {
-        const int64_t len = std::min(kBlock, cend - begin);
-        if (keep_from(x + begin, out + begin, band, len, lo, hi, &above_chunk[c]) == 0) continue;
-        select::for_each_flagged(band, len, [&](int64_t j) {
-          offs[c].push_back(uint16_t(begin + j - cbegin));
-          keys[c].push_back(key(begin + j));  // read now, while the block is in L1
-        });
-      }
+      const int64_t begin = c * kChunk, len = std::min(n, begin + kChunk) - begin;
+      cand[c].reserve(expected);
+      above_chunk[c] = avx512 ? keep_and_collect_avx512(x + begin, out + begin, len, lo, hi, cand[c])
+                              : keep_and_collect_portable(x + begin, out + begin, len, lo, hi, cand[c]);
     }
     int64_t above = 0, m = 0;
     for (int64_t c = 0; c < chunks; ++c) {
       above += above_chunk[c];
-      m += int64_t(offs[c].size());
+      m += cand[c].count;
     }
     if (above >= k || above + m < k) return false;
     std::vector<uint32_t> all;  // candidate keys in flat index order
     all.reserve(size_t(m));
-    for (int64_t c = 0; c < chunks; ++c) all.insert(all.end(), keys[c].begin(), keys[c].end());
+    for (int64_t c = 0; c < chunks; ++c) all.insert(all.end(), cand[c].keys.begin(), cand[c].keys.begin() + cand[c].count);
     const select::Threshold t =
         select::select_threshold<kKeyBits>(m, k - above, [&all](int64_t j) { return all[j]; });
     int64_t equal_seen = 0;
     for (int64_t c = 0; c < chunks; ++c) {
-      for (size_t j = 0; j < offs[c].size(); ++j) {
-        const uint32_t kk = keys[c][j];
-        if (kk < t.key || (kk == t.key && equal_seen++ >= t.equal_kept)) out[c * kChunk + offs[c][j]] = 0;
+      for (int64_t j = 0; j < cand[c].count; ++j) {
+        const uint32_t kk = cand[c].keys[size_t(j)];
+        if (kk < t.key || (kk == t.key && equal_seen++ >= t.equal_kept)) out[c * kChunk + cand[c].offs[size_t(j)]] = 0;
       }
     }
     return true;
@@ -169,7 +138,7 @@ struct MagnitudePrune {
           t.split() ? (c + 1 < chunks ? t.equal_before[c + 1] : t.equal_total) - t.equal_before[c] : 0;
       if (quota >= equal_here || quota == 0) {
         const uint32_t lo = quota == 0 ? t.key + 1u : t.key;
-        keep_from(x + begin, out + begin, nullptr, len, lo, lo, nullptr);
+        keep_from(x + begin, out + begin, len, lo);
         continue;
       }
       int64_t seen = 0;
@@ -217,11 +186,14 @@ void random_prune_block(const void* x, void* out, int64_t begin, int64_t len, fl
 }  // namespace
 
 // Keeps the k entries of largest |x| (ties: lowest flat index), zeroes the rest. x may equal out.
-void magnitude_prune(const void* x, void* out, int64_t n, int32_t dtype, int64_t k) {
+// vector=false keeps to the portable band pass (for the tests of both paths).
+void magnitude_prune(const void* x, void* out, int64_t n, int32_t dtype, int64_t k, bool vector) {
+  static const bool avx512_usable = band_avx512_usable();
+  const bool avx512 = vector && avx512_usable;
   if (dtype == kFloat32) {
-    MagnitudePrune<uint32_t, 31>{static_cast<const uint32_t*>(x), static_cast<uint32_t*>(out), n, k}.run();
+    MagnitudePrune<uint32_t, 31>{static_cast<const uint32_t*>(x), static_cast<uint32_t*>(out), n, k, avx512}.run();
   } else {
-    MagnitudePrune<uint16_t, 15>{static_cast<const uint16_t*>(x), static_cast<uint16_t*>(out), n, k}.run();
+    MagnitudePrune<uint16_t, 15>{static_cast<const uint16_t*>(x), static_cast<uint16_t*>(out), n, k, avx512}.run();
   }
 }
 

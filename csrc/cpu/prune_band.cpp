@@ -1,0 +1,159 @@
+// See prune_band.h. Why an intrinsic path: the portable pass writes one flag byte per element and then
+// scans the flags again (0.6 % of the elements are candidates, but every flag word is read); with AVX-512
+// the compare leaves a 16-bit mask from which the candidates are compressed straight into their buffer:
+// one read of x, one write of out, nothing else at full size.
+#include "cpu/prune_band.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+
+#include "cpu/clones.h"
+#include "cpu/select.h"
+
+namespace pyfuse {
+namespace cpu {
+
+void BandCandidates::reserve(int64_t n) {
+  keys.resize(size_t(n) + 16);
+  offs.resize(size_t(n) + 16);
+}
+
+void BandCandidates::grow() { reserve(int64_t(keys.size()) * 2); }
+
+bool band_avx512_usable() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+}
+
+namespace {
+
+template <class Bits>
+constexpr uint32_t abs_mask() {
+  return sizeof(Bits) == 4 ? 0x7fffffffu : 0x7fffu;
+}
+
+// Scalar steps for the elements after the last whole vector.
+template <class Bits>
+int64_t keep_and_collect_tail(const Bits* x, Bits* out, int64_t begin, int64_t len, uint32_t lo, uint32_t hi,
+                              BandCandidates& c) {
+  int64_t over = 0;
+  for (int64_t i = begin; i < len; ++i) {
+    const uint32_t key = uint32_t(x[i]) & abs_mask<Bits>();
+    out[i] = key >= lo ? x[i] : Bits(0);
+    over += key >= hi;
+    if (key >= lo && key < hi) {
+      if (c.count == int64_t(c.keys.size())) c.grow();
+      c.keys[size_t(c.count)] = key;
+      c.offs[size_t(c.count)] = uint16_t(i);
+      ++c.count;
+    }
+  }
+  return over;
+}
+
+}  // namespace
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+namespace {
+
+// 16 elements: their keys as 32-bit lanes, and the store of the kept ones.
+inline __m512i keys16(const uint32_t* x) { return _mm512_and_si512(_mm512_loadu_si512(x), _mm512_set1_epi32(0x7fffffff)); }
+inline __m512i keys16(const uint16_t* x) {
+  return _mm512_and_si512(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                          _mm512_set1_epi32(0x7fff));
+}
+inline void store_kept16(const uint32_t* x, uint32_t* out, __mmask16 keep) {
+  _mm512_storeu_si512(out, _mm512_maskz_loadu_epi32(keep, x));
+}
+inline void store_kept16(const uint16_t* x, uint16_t* out, __mmask16 keep) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm256_maskz_loadu_epi16(keep, x));
+}
+
+}  // namespace
+
+template <class Bits>
+int64_t keep_and_collect_avx512(const Bits* x, Bits* out, int64_t len, uint32_t lo, uint32_t hi, BandCandidates& c) {
+  const __m512i lo_v = _mm512_set1_epi32(int32_t(lo)), hi_v = _mm512_set1_epi32(int32_t(hi));
+  const __m512i step = _mm512_set1_epi32(16);
+  __m512i offset = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t over = 0, i = 0;
+  for (; i + 16 <= len; i += 16, offset = _mm512_add_epi32(offset, step)) {
+    const __m512i key = keys16(x + i);
+    const __mmask16 keep = _mm512_cmpge_epu32_mask(key, lo_v);
+    const __mmask16 above = _mm512_cmpge_epu32_mask(key, hi_v);
+    store_kept16(x + i, out + i, keep);
+    over += __builtin_popcount(above);
+    const __mmask16 band = _kandn_mask16(above, keep);
+    if (band == 0) continue;  // most vectors: the band holds well under 1 % of the elements
+    if (c.count + 16 > int64_t(c.keys.size())) c.grow();
+    _mm512_storeu_si512(c.keys.data() + c.count, _mm512_maskz_compress_epi32(band, key));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c.offs.data() + c.count),
+                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(band, offset)));
+    c.count += __builtin_popcount(band);
+  }
+  return over + keep_and_collect_tail(x, out, i, len, lo, hi, c);
+}
+
+template int64_t keep_and_collect_avx512(const uint32_t*, uint32_t*, int64_t, uint32_t, uint32_t, BandCandidates&);
+template int64_t keep_and_collect_avx512(const uint16_t*, uint16_t*, int64_t, uint32_t, uint32_t, BandCandidates&);
+
+#pragma GCC pop_options
+
+namespace {
+
+constexpr int64_t kBlock = 4096;  // flag bytes per block: they stay in L1 until scanned
+
+// The flag pass as integer bit-mask selects, so that it vectorises on any ISA.
+template <class Bits>
+PYFUSE_INLINE uint32_t keep_and_flag_body(const Bits* x, Bits* out, uint8_t* band, int64_t len, uint32_t lo, uint32_t hi,
+                                          int64_t* over) {
+  uint32_t in_band = 0, above = 0;  // 32-bit counts (blocks are short): no widening in the vector loop
+  for (int64_t i = 0; i < len; ++i) {
+    const uint32_t key = uint32_t(x[i]) & abs_mask<Bits>();
+    out[i] = x[i] & (Bits(0) - Bits(key >= lo));
+    const uint8_t f = uint8_t((key >= lo) & (key < hi));
+    band[i] = f;
+    in_band += f;
+    above += key >= hi;
+  }
+  *over += above;
+  return in_band;
+}
+
+PYFUSE_CLONES uint32_t keep_and_flag(const uint32_t* x, uint32_t* out, uint8_t* band, int64_t len, uint32_t lo,
+                                     uint32_t hi, int64_t* over) {
+  return keep_and_flag_body(x, out, band, len, lo, hi, over);
+}
+PYFUSE_CLONES uint32_t keep_and_flag(const uint16_t* x, uint16_t* out, uint8_t* band, int64_t len, uint32_t lo,
+                                     uint32_t hi, int64_t* over) {
+  return keep_and_flag_body(x, out, band, len, lo, hi, over);
+}
+
+}  // namespace
+
+template <class Bits>
+int64_t keep_and_collect_portable(const Bits* x, Bits* out, int64_t len, uint32_t lo, uint32_t hi, BandCandidates& c) {
+  int64_t over = 0;
+  alignas(64) uint8_t band[kBlock];
+  for (int64_t begin = 0; begin < len; begin += kBlock) {
+    const int64_t n = std::min(kBlock, len - begin);
+    if (keep_and_flag(x + begin, out + begin, band, n, lo, hi, &over) == 0) continue;
+    select::for_each_flagged(band, n, [&](int64_t j) {
+      if (c.count == int64_t(c.keys.size())) c.grow();
+      c.keys[size_t(c.count)] = uint32_t(x[begin + j]) & abs_mask<Bits>();  // read now, while the block is in L1
+      c.offs[size_t(c.count)] = uint16_t(begin + j);
+      ++c.count;
+    });
+  }
+  return over;
+}
+
+template int64_t keep_and_collect_portable(const uint32_t*, uint32_t*, int64_t, uint32_t, uint32_t, BandCandidates&);
+template int64_t keep_and_collect_portable(const uint16_t*, uint16_t*, int64_t, uint32_t, uint32_t, BandCandidates&);
+
+}  // namespace cpu
+}  // namespace pyfuse
