@@ -1,6 +1,7 @@
 """Shared test parametrization and tolerances."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -50,3 +51,16 @@ def binomial_ok(kept: int, n: int, p: float, z: float = 5.0) -> bool:
     if p in (0.0, 1.0):
         return kept == round(n * p)
     return abs(kept - n * p) <= z * math.sqrt(n * p * (1 - p))
+
+
+@contextlib.contextmanager
+def cpu_band_path(avx512: bool):
+    """Runs the block with the CPU's AVX-512 band paths (magnitude_prune, merge thresholds) on or off, so
+    that an AVX-512 machine tests the portable paths too. Yields whether AVX-512 really runs."""
+    from pyfuse._ext import cpu_ext
+    ext = cpu_ext()
+    previous = ext.set_band_avx512(avx512)
+    try:
+        yield avx512 and ext.band_avx512_usable()
+    finally:
+        ext.set_band_avx512(previous)

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from helpers import BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES, assert_close
+from helpers import BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES, assert_close, cpu_band_path
 from pyfuse.merge import merge_tensors
 from pyfuse.merge.op import CONSENSUS, NORMALIZE, RESCALE, SPARSIFY
 
@@ -179,6 +179,31 @@ def test_large_top_k_band_and_fallbacks(backend, device):
         got, want = both(backend, base.to(device), models, [1.0, 0.6], sparsify="breadcrumbs", density=0.3,
                          gamma=0.05, consensus="sum", normalize="agree_weight")
         assert_close(got, want)
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cpu_band_paths(dtype, avx512):
+    """The CPU threshold sweep collects band candidates with AVX-512 (compress-stores, vector float16 /
+    bfloat16 conversions) or with portable flag scans: both must give the reference's top-k sets, for
+    magnitude (one threshold per model) and breadcrumbs (two), with and without a base. Sorted deltas pack
+    the candidates into a few chunks (their buffers must grow); deltas on a 2^-12 grid put a few dozen ties
+    at each threshold inside the band (the tie bound comes from the candidates' offsets); n = 300001
+    leaves a tail."""
+    n = 300_001
+    g = torch.Generator().manual_seed(9)
+    base = torch.randint(-8, 9, (n,), generator=g).float() / 8  # exact in fp32: x - base recovers the grid
+    models = [base + 0.1 * torch.randn(n, generator=g), base + (0.1 * torch.randn(n, generator=g)).sort().values,
+              base + torch.round(torch.randn(n, generator=g) * 4096) / 4096]
+    with cpu_band_path(avx512) as used:
+        if avx512 and not used:
+            pytest.skip("this CPU has no AVX-512 F/BW/VL/DQ")
+        for b in (base, None):
+            for kw in (dict(sparsify="magnitude", density=0.2), dict(sparsify="breadcrumbs", density=0.3, gamma=0.05)):
+                got, want = both("cpu", None if b is None else b.to(dtype), [m.to(dtype) for m in models],
+                                 [1.0, 0.6, 0.8],
+                                 consensus="sum", normalize="agree_weight", **kw)
+                assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)

@@ -5,7 +5,9 @@
 // Defined in csrc/cpu/prune.cpp.
 namespace pyfuse {
 namespace cpu {
-void magnitude_prune(const void* x, void* out, int64_t n, int32_t dtype, int64_t k, bool vector);
+void magnitude_prune(const void* x, void* out, int64_t n, int32_t dtype, int64_t k);
+bool set_band_avx512(bool enabled);
+bool band_avx512_usable();
 void random_prune(const void* x, void* out, int64_t n, int32_t dtype, float density, bool rescale, uint64_t seed,
                   uint32_t purpose);
 }  // namespace cpu
@@ -14,15 +16,15 @@ void random_prune(const void* x, void* out, int64_t n, int32_t dtype, float dens
 PYFUSE_BINDINGS(prune) {
   m.def(
       "magnitude_prune",
-      [](uintptr_t x, uintptr_t out, int64_t n, int32_t dtype, int64_t k, bool vector) {
-        pyfuse::cpu::magnitude_prune(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), n, dtype, k,
-                                     vector);
+      [](uintptr_t x, uintptr_t out, int64_t n, int32_t dtype, int64_t k) {
+        pyfuse::cpu::magnitude_prune(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), n, dtype, k);
       },
-      pybind11::arg("x"), pybind11::arg("out"), pybind11::arg("n"), pybind11::arg("dtype"), pybind11::arg("k"),
-      pybind11::arg("vector") = true,
-      PYFUSE_NOGIL,
-      "Keep the k entries of largest |x| (ties: lowest flat index); x may equal out. vector=False keeps to the "
-      "portable write pass (tests).");
+      PYFUSE_NOGIL, "Keep the k entries of largest |x| (ties: lowest flat index); x may equal out.");
+  m.def("set_band_avx512", &pyfuse::cpu::set_band_avx512, pybind11::arg("enabled"),
+        "Turn the AVX-512 band paths of magnitude_prune and the merge thresholds on or off (off: the portable "
+        "paths, for the tests); returns the previous setting. No effect on a CPU without AVX-512.");
+  m.def("band_avx512_usable", &pyfuse::cpu::band_avx512_usable,
+        "Whether the AVX-512 band paths run (the CPU has AVX-512 F/BW/VL/DQ and they are on).");
   m.def(
       "random_prune",
       [](uintptr_t x, uintptr_t out, int64_t n, int32_t dtype, float density, bool rescale, uint64_t seed,

@@ -15,13 +15,11 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/band_candidates.h"
+#include "cpu/clones.h"
 #include "cpu/philox_lanes.h"
 #include "cpu/select.h"
 #include "pyfuse/merge.h"
-
-// Runtime dispatch: one build, widest vectors the CPU has (never -march=native).
-#define PYFUSE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#define PYFUSE_INLINE __attribute__((always_inline)) inline
 
 namespace pyfuse {
 namespace cpu {
@@ -467,8 +465,69 @@ void top_set(int64_t n, int64_t k, KeyFn key_of, uint32_t* t, int64_t* b) {
   }
 }
 
-using BandFn = int64_t (*)(const void*, const void*, int64_t, int64_t, uint32_t, uint32_t, uint32_t*, uint8_t*,
-                           int64_t*);
+// The band step of one block [begin, begin + len) of fixed chunk cbegin for one job: appends the elements with
+// lo <= |x - base| < hi to c (offsets in the chunk), returns how many keys are >= hi.
+using BandFn = int64_t (*)(const void* x, const void* base, int64_t begin, int64_t len, int64_t cbegin, uint32_t lo,
+                           uint32_t hi, BandCandidates& c);
+constexpr int64_t kBandBlock = 4096;  // a block of base and of every model's keys and flags stays in L1
+
+template <int32_t kDtype, int64_t (*kFlags)(const void*, const void*, int64_t, int64_t, uint32_t, uint32_t, uint32_t*,
+                                            uint8_t*, int64_t*)>
+int64_t band_portable(const void* x, const void* base, int64_t begin, int64_t len, int64_t cbegin, uint32_t lo,
+                      uint32_t hi, BandCandidates& c) {
+  alignas(64) uint32_t key[kBandBlock];
+  alignas(64) uint8_t flag[kBandBlock];
+  int64_t above = 0;
+  if (kFlags(x, base, begin, len, lo, hi, key, flag, &above) != 0) {
+    select::for_each_flagged(flag, len, [&](int64_t j) { c.push(key[j], begin + j - cbegin); });
+  }
+  return above;
+}
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+template <int32_t kDtype>
+inline __m512 load16(const void* p, int64_t i) {
+  if constexpr (kDtype == kFloat32) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
+  if constexpr (kDtype == kFloat16) return _mm512_cvtph_ps(h);  // exact, like fp16_to_float
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// band_portable's result with AVX-512 (band_candidates.h): the same keys (the same float subtraction), no key
+// or flag arrays.
+template <int32_t kDtype>
+int64_t band_avx512(const void* x, const void* base, int64_t begin, int64_t len, int64_t cbegin, uint32_t lo,
+                    uint32_t hi, BandCandidates& c) {
+  const __m512i lo_v = _mm512_set1_epi32(static_cast<int32_t>(lo)), hi_v = _mm512_set1_epi32(static_cast<int32_t>(hi));
+  const __m512i abs_v = _mm512_set1_epi32(0x7fffffff), step = _mm512_set1_epi32(16);
+  __m512i offset = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(begin - cbegin)),
+                                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  int64_t above = 0, j = 0;
+  for (; j + 16 <= len; j += 16, offset = _mm512_add_epi32(offset, step)) {
+    const __m512 b = base == nullptr ? _mm512_setzero_ps() : load16<kDtype>(base, begin + j);
+    const __m512i key = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(load16<kDtype>(x, begin + j), b)), abs_v);
+    above += collect_band16(key, offset, lo_v, hi_v, c);
+  }
+  for (; j < len; ++j) {
+    const float b = base == nullptr ? 0.0f : load<kDtype>(base, begin + j);
+    const uint32_t key = merge::magnitude_key(load<kDtype>(x, begin + j) - b);
+    above += key >= hi;
+    if (key >= lo && key < hi) c.push(key, begin + j - cbegin);
+  }
+  return above;
+}
+
+#pragma GCC pop_options
+
+template <int32_t kDtype>
+BandFn band_step() {
+  if (band_avx512_usable()) return band_avx512<kDtype>;
+  if constexpr (kDtype == kFloat32) return band_portable<kDtype, band_f32>;
+  if constexpr (kDtype == kFloat16) return band_portable<kDtype, band_f16>;
+  return band_portable<kDtype, band_bf16>;
+}
 
 // Candidate offsets inside one fixed chunk fit 16 bits.
 static_assert(select::kChunk <= 65536, "chunk offsets are stored as uint16");
@@ -480,9 +539,8 @@ struct TopJob {
   uint32_t* t;  // the (t, b) form of the set, as top_set gives it
   int64_t* b;
   select::Band band;
-  std::vector<std::vector<uint16_t>> offs;  // per fixed chunk: the band's elements (offset in the chunk)
-  std::vector<std::vector<uint32_t>> keys;  // and their keys
-  std::vector<int64_t> above;               // per fixed chunk: keys >= band.hi
+  std::vector<BandCandidates> cand;  // per fixed chunk: the band's elements
+  std::vector<int64_t> above;        // per fixed chunk: keys >= band.hi
 };
 
 template <int32_t kDtype>
@@ -501,21 +559,24 @@ void finish_job(const Config& c, TopJob& job) {
   int64_t above = 0, m = 0;
   for (int64_t ch = 0; ch < chunks; ++ch) {
     above += job.above[ch];
-    m += static_cast<int64_t>(job.offs[ch].size());
+    m += job.cand[ch].count;
   }
   if (above >= job.k || above + m < job.k) return top_set(c.n, job.k, magnitude_keys<kDtype>(job.x, c.base), job.t, job.b);
   std::vector<uint32_t> all;  // candidate keys in flat index order
   all.reserve(static_cast<size_t>(m));
-  for (int64_t ch = 0; ch < chunks; ++ch) all.insert(all.end(), job.keys[ch].begin(), job.keys[ch].end());
+  for (int64_t ch = 0; ch < chunks; ++ch) {
+    all.insert(all.end(), job.cand[ch].keys.begin(), job.cand[ch].keys.begin() + job.cand[ch].count);
+  }
   const select::Threshold th = select::select_threshold<31>(m, job.k - above, [&all](int64_t j) { return all[j]; });
   *job.t = th.key;
   *job.b = INT64_MAX;
   if (th.equal_kept == th.equal_total) return;
   int64_t need = th.equal_kept;  // the tie bound: one past the equal_kept-th candidate equal to t
   for (int64_t ch = 0; ch < chunks; ++ch) {
-    for (size_t j = 0; j < job.offs[ch].size(); ++j) {
-      if (job.keys[ch][j] == th.key && --need == 0) {
-        *job.b = ch * select::kChunk + job.offs[ch][j] + 1;
+    const BandCandidates& cand = job.cand[ch];
+    for (int64_t j = 0; j < cand.count; ++j) {
+      if (cand.keys[j] == th.key && --need == 0) {
+        *job.b = ch * select::kChunk + cand.offs[j] + 1;
         return;
       }
     }
@@ -531,7 +592,6 @@ void finish_job(const Config& c, TopJob& job) {
 template <int32_t kDtype>
 void band_top_sets(const Config& c, std::vector<TopJob>& jobs, BandFn band_fn) {
   constexpr int64_t kSampleMin = 1 << 18;  // below this a full histogram pass is cheap anyway
-  constexpr int64_t kBlock = 4096;         // keys and flags of a block stay in L1
   const int64_t n = c.n, chunks = select::num_chunks(n);
   const int64_t fit = n * dtype_size(kDtype) / 20 / 10;  // 10 bytes per candidate, 2x reserve slack
   std::vector<TopJob*> banded;
@@ -542,8 +602,7 @@ void band_top_sets(const Config& c, std::vector<TopJob>& jobs, BandFn band_fn) {
       top_set(n, job.k, key_of, job.t, job.b);
       continue;
     }
-    job.offs.resize(chunks);
-    job.keys.resize(chunks);
+    job.cand.resize(chunks);
     job.above.assign(chunks, 0);
     banded.push_back(&job);
   }
@@ -551,21 +610,11 @@ void band_top_sets(const Config& c, std::vector<TopJob>& jobs, BandFn band_fn) {
 #pragma omp parallel for schedule(dynamic) if (chunks > 1)
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const int64_t cbegin = ch * select::kChunk, cend = std::min(n, cbegin + select::kChunk);
-    for (TopJob* job : banded) {
-      const size_t reserve = static_cast<size_t>(job->band.expected / chunks * 5 / 4 + 16);
-      job->offs[ch].reserve(reserve);
-      job->keys[ch].reserve(reserve);
-    }
-    alignas(64) uint32_t key[kBlock];
-    alignas(64) uint8_t flag[kBlock];
-    for (int64_t begin = cbegin; begin < cend; begin += kBlock) {
-      const int64_t len = std::min(kBlock, cend - begin);
+    for (TopJob* job : banded) job->cand[ch].reserve(job->band.expected / chunks * 5 / 4 + 16);
+    for (int64_t begin = cbegin; begin < cend; begin += kBandBlock) {
+      const int64_t len = std::min(kBandBlock, cend - begin);
       for (TopJob* job : banded) {
-        if (band_fn(job->x, c.base, begin, len, job->band.lo, job->band.hi, key, flag, &job->above[ch]) == 0) continue;
-        select::for_each_flagged(flag, len, [&](int64_t j) {
-          job->offs[ch].push_back(static_cast<uint16_t>(begin + j - cbegin));
-          job->keys[ch].push_back(key[j]);
-        });
+        job->above[ch] += band_fn(job->x, c.base, begin, len, cbegin, job->band.lo, job->band.hi, job->cand[ch]);
       }
     }
   }
@@ -573,16 +622,15 @@ void band_top_sets(const Config& c, std::vector<TopJob>& jobs, BandFn band_fn) {
 }
 
 template <int32_t kDtype>
-void thresholds(const Config& c, const void* const* x, const int64_t* k_keep, const int64_t* k_drop, BandFn band_fn,
-                Model* models) {
+void thresholds(const Config& c, const void* const* x, const int64_t* k_keep, const int64_t* k_drop, Model* models) {
   std::vector<TopJob> jobs;
   for (int32_t i = 0; i < c.k; ++i) {
     Model& m = models[i];
     if (m.keep_all) continue;
-    jobs.push_back(TopJob{x[i], k_keep[i], &m.t_keep, &m.b_keep, {}, {}, {}, {}});
-    jobs.push_back(TopJob{x[i], k_drop[i], &m.t_drop, &m.b_drop, {}, {}, {}, {}});
+    jobs.push_back(TopJob{x[i], k_keep[i], &m.t_keep, &m.b_keep, {}, {}, {}});
+    jobs.push_back(TopJob{x[i], k_drop[i], &m.t_drop, &m.b_drop, {}, {}, {}});
   }
-  band_top_sets<kDtype>(c, jobs, band_fn);
+  band_top_sets<kDtype>(c, jobs, band_step<kDtype>());
 }
 
 using FusedFn = void (*)(const Config&, const void* const*, const Model*, int64_t, int64_t, int64_t, Scratch&);
@@ -604,9 +652,9 @@ void merge_task_vectors(const Config& c, const void* const* x, Model* models, co
     models[i].b_keep = models[i].b_drop = 0;
   }
   if (c.sparsify == merge::kMagnitude || c.sparsify == merge::kBreadcrumbs) {
-    if (c.in_dtype == kFloat32) thresholds<kFloat32>(c, x, k_keep, k_drop, band_f32, models);
-    if (c.in_dtype == kFloat16) thresholds<kFloat16>(c, x, k_keep, k_drop, band_f16, models);
-    if (c.in_dtype == kBFloat16) thresholds<kBFloat16>(c, x, k_keep, k_drop, band_bf16, models);
+    if (c.in_dtype == kFloat32) thresholds<kFloat32>(c, x, k_keep, k_drop, models);
+    if (c.in_dtype == kFloat16) thresholds<kFloat16>(c, x, k_keep, k_drop, models);
+    if (c.in_dtype == kBFloat16) thresholds<kBFloat16>(c, x, k_keep, k_drop, models);
   }
   // Random keep decisions recorded by the L1 pass for the fused pass: K x n bits, segment-major.
   const bool record = c.rescale == merge::kL1 && (c.sparsify == merge::kRandom || c.sparsify == merge::kDella);

@@ -186,10 +186,8 @@ void random_prune_block(const void* x, void* out, int64_t begin, int64_t len, fl
 }  // namespace
 
 // Keeps the k entries of largest |x| (ties: lowest flat index), zeroes the rest. x may equal out.
-// vector=false keeps to the portable band pass (for the tests of both paths).
-void magnitude_prune(const void* x, void* out, int64_t n, int32_t dtype, int64_t k, bool vector) {
-  static const bool avx512_usable = band_avx512_usable();
-  const bool avx512 = vector && avx512_usable;
+void magnitude_prune(const void* x, void* out, int64_t n, int32_t dtype, int64_t k) {
+  const bool avx512 = band_avx512_usable();
   if (dtype == kFloat32) {
     MagnitudePrune<uint32_t, 31>{static_cast<const uint32_t*>(x), static_cast<uint32_t*>(out), n, k, avx512}.run();
   } else {

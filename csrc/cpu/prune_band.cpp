@@ -1,12 +1,12 @@
 // See prune_band.h. Why an intrinsic path: the portable pass writes one flag byte per element and then
 // scans the flags again (0.6 % of the elements are candidates, but every flag word is read); with AVX-512
-// the compare leaves a 16-bit mask from which the candidates are compressed straight into their buffer:
-// one read of x, one write of out, nothing else at full size.
+// the candidates are compressed from the compare masks (collect_band16): one read of x, one write of out.
+// Measured on the 2-core AVX-512 VM, 4096x4096 float32, density 0.2, interleaved runs: the write pass went
+// from about 1.6x to 1.3x the time of a torch copy of the tensor.
 #include "cpu/prune_band.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
+#include <atomic>
 
 #include "cpu/clones.h"
 #include "cpu/select.h"
@@ -14,18 +14,21 @@
 namespace pyfuse {
 namespace cpu {
 
-void BandCandidates::reserve(int64_t n) {
-  keys.resize(size_t(n) + 16);
-  offs.resize(size_t(n) + 16);
-}
+namespace {
 
-void BandCandidates::grow() { reserve(int64_t(keys.size()) * 2); }
-
-bool band_avx512_usable() {
+bool cpu_has_avx512() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
 }
+
+std::atomic<bool> avx512_enabled{true};
+
+}  // namespace
+
+bool band_avx512_usable() { return avx512_enabled.load(std::memory_order_relaxed) && cpu_has_avx512(); }
+
+bool set_band_avx512(bool enabled) { return avx512_enabled.exchange(enabled); }
 
 namespace {
 
@@ -43,12 +46,7 @@ int64_t keep_and_collect_tail(const Bits* x, Bits* out, int64_t begin, int64_t l
     const uint32_t key = uint32_t(x[i]) & abs_mask<Bits>();
     out[i] = key >= lo ? x[i] : Bits(0);
     over += key >= hi;
-    if (key >= lo && key < hi) {
-      if (c.count == int64_t(c.keys.size())) c.grow();
-      c.keys[size_t(c.count)] = key;
-      c.offs[size_t(c.count)] = uint16_t(i);
-      ++c.count;
-    }
+    if (key >= lo && key < hi) c.push(key, i);
   }
   return over;
 }
@@ -83,17 +81,8 @@ int64_t keep_and_collect_avx512(const Bits* x, Bits* out, int64_t len, uint32_t 
   int64_t over = 0, i = 0;
   for (; i + 16 <= len; i += 16, offset = _mm512_add_epi32(offset, step)) {
     const __m512i key = keys16(x + i);
-    const __mmask16 keep = _mm512_cmpge_epu32_mask(key, lo_v);
-    const __mmask16 above = _mm512_cmpge_epu32_mask(key, hi_v);
-    store_kept16(x + i, out + i, keep);
-    over += __builtin_popcount(above);
-    const __mmask16 band = _kandn_mask16(above, keep);
-    if (band == 0) continue;  // most vectors: the band holds well under 1 % of the elements
-    if (c.count + 16 > int64_t(c.keys.size())) c.grow();
-    _mm512_storeu_si512(c.keys.data() + c.count, _mm512_maskz_compress_epi32(band, key));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c.offs.data() + c.count),
-                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(band, offset)));
-    c.count += __builtin_popcount(band);
+    store_kept16(x + i, out + i, _mm512_cmpge_epu32_mask(key, lo_v));
+    over += collect_band16(key, offset, lo_v, hi_v, c);
   }
   return over + keep_and_collect_tail(x, out, i, len, lo, hi, c);
 }
@@ -143,10 +132,7 @@ int64_t keep_and_collect_portable(const Bits* x, Bits* out, int64_t len, uint32_
     const int64_t n = std::min(kBlock, len - begin);
     if (keep_and_flag(x + begin, out + begin, band, n, lo, hi, &over) == 0) continue;
     select::for_each_flagged(band, n, [&](int64_t j) {
-      if (c.count == int64_t(c.keys.size())) c.grow();
-      c.keys[size_t(c.count)] = uint32_t(x[begin + j]) & abs_mask<Bits>();  // read now, while the block is in L1
-      c.offs[size_t(c.count)] = uint16_t(begin + j);
-      ++c.count;
+      c.push(uint32_t(x[begin + j]) & abs_mask<Bits>(), begin + j);  // the key read now, while the block is in L1
     });
   }
   return over;

@@ -1,29 +1,15 @@
 // The write pass of magnitude_prune's sampled band (prune.cpp), one fixed chunk at a time: keep every
 // element whose key (|x| bit pattern) is >= lo, zero the others, and collect the elements whose key is in
-// [lo, hi) as candidates for the exact threshold. Two paths with identical results: AVX-512 (compares into
-// mask registers, candidates appended with vpcompressd) and a portable one (auto-vectorised flag bytes,
-// then a scan of the flags 64 at a time).
+// [lo, hi) (band_candidates.h). Two paths with identical results: AVX-512 and portable (auto-vectorised
+// flag bytes, then a scan of the flags 64 at a time).
 #pragma once
 
 #include <stdint.h>
 
-#include <vector>
+#include "cpu/band_candidates.h"
 
 namespace pyfuse {
 namespace cpu {
-
-// One chunk's candidates in index order: key and offset inside the chunk (chunks are <= 65536 long).
-struct BandCandidates {
-  std::vector<uint32_t> keys;
-  std::vector<uint16_t> offs;
-  int64_t count = 0;  // slots in use; the vectors keep slack for whole-vector stores
-
-  void reserve(int64_t n);
-  void grow();  // doubles the slots, keeping the first `count`
-};
-
-// Whether the AVX-512 path can run on this CPU (F, BW, VL, DQ).
-bool band_avx512_usable();
 
 // out[i] = key(x[i]) >= lo ? x[i] : 0 for i < len; appends to c the candidates lo <= key < hi; returns how
 // many keys are >= hi. Bits is uint32_t (float32, key = bits & 0x7fffffff) or uint16_t (16-bit floats,

@@ -1,0 +1,63 @@
+// The candidates of a sampled key band (select::sample_band), collected during a write or statistics pass
+// by prune.cpp and merge.cpp: per fixed chunk, in index order, the key and the offset inside the chunk of
+// every element with lo <= key < hi, from which the exact threshold is then selected.
+//
+// collect_band16 is the AVX-512 step: the compares leave masks, the few band elements (well under 1 % of
+// them) are compressed straight into the buffers, and the keys >= hi are counted by popcount. The portable
+// alternative is flag bytes and select::for_each_flagged; both give the same candidates in the same order.
+#pragma once
+
+#include <immintrin.h>
+#include <stdint.h>
+
+#include <vector>
+
+namespace pyfuse {
+namespace cpu {
+
+struct BandCandidates {
+  std::vector<uint32_t> keys;
+  std::vector<uint16_t> offs;  // fixed chunks are <= 65536 long
+  int64_t count = 0;           // slots in use; the vectors keep 16 spare slots for whole-vector stores
+
+  void reserve(int64_t n) {
+    keys.resize(size_t(n) + 16);
+    offs.resize(size_t(n) + 16);
+  }
+  void push(uint32_t key, int64_t offset) {
+    if (count + 16 >= int64_t(keys.size())) reserve(int64_t(keys.size()) * 2);
+    keys[size_t(count)] = key;
+    offs[size_t(count)] = uint16_t(offset);
+    ++count;
+  }
+};
+
+// Whether the AVX-512 band paths run: the CPU has AVX-512 F, BW, VL and DQ, and the tests have not turned
+// them off (set_band_avx512, to check the portable paths against them on an AVX-512 machine).
+bool band_avx512_usable();
+// Turns the AVX-512 band paths on or off (off: the portable ones); returns the previous setting.
+bool set_band_avx512(bool enabled);
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+// 16 keys (< 2^31) at chunk offsets `offset`: appends those in [lo, hi) to c, returns how many are >= hi.
+// Call only from functions compiled for the same target, and only when band_avx512_usable().
+inline __attribute__((always_inline)) int collect_band16(__m512i key, __m512i offset, __m512i lo, __m512i hi,
+                                                         BandCandidates& c) {
+  const __mmask16 above = _mm512_cmpge_epu32_mask(key, hi);
+  const __mmask16 band = _kandn_mask16(above, _mm512_cmpge_epu32_mask(key, lo));
+  if (band != 0) {  // most vectors: nothing to store
+    if (c.count + 16 >= int64_t(c.keys.size())) c.reserve(int64_t(c.keys.size()) * 2);
+    _mm512_storeu_si512(c.keys.data() + c.count, _mm512_maskz_compress_epi32(band, key));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c.offs.data() + c.count),
+                        _mm512_cvtepi32_epi16(_mm512_maskz_compress_epi32(band, offset)));
+    c.count += __builtin_popcount(band);
+  }
+  return __builtin_popcount(above);
+}
+
+#pragma GCC pop_options
+
+}  // namespace cpu
+}  // namespace pyfuse
