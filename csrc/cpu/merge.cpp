@@ -567,7 +567,8 @@ void finish_job(const Config& c, TopJob& job) {
   for (int64_t ch = 0; ch < chunks; ++ch) {
     all.insert(all.end(), job.cand[ch].keys.begin(), job.cand[ch].keys.begin() + job.cand[ch].count);
   }
-  const select::Threshold th = select::select_threshold<31>(m, job.k - above, [&all](int64_t j) { return all[j]; });
+  const select::Threshold th =
+      select::select_in_band(m, job.k - above, job.band.lo, job.band.hi, [&all](int64_t j) { return all[j]; });
   *job.t = th.key;
   *job.b = INT64_MAX;
   if (th.equal_kept == th.equal_total) return;

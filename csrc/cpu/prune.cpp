@@ -115,10 +115,17 @@ struct MagnitudePrune {
     std::vector<uint32_t> all;  // candidate keys in flat index order
     all.reserve(size_t(m));
     for (int64_t c = 0; c < chunks; ++c) all.insert(all.end(), cand[c].keys.begin(), cand[c].keys.begin() + cand[c].count);
-    const select::Threshold t =
-        select::select_threshold<kKeyBits>(m, k - above, [&all](int64_t j) { return all[j]; });
-    int64_t equal_seen = 0;
+    const select::Threshold t = select::select_in_band(m, k - above, lo, hi, [&all](int64_t j) { return all[j]; });
+    // Zero the candidates below the threshold and the ties beyond k, chunks in parallel: each of these writes
+    // misses the cache (the out lines are long evicted), so one thread would wait on every one in turn.
+    std::vector<int64_t> equal_before(chunks, 0);  // ties at t.key in earlier chunks' candidates
+    for (int64_t c = 0, seen = 0; c < chunks && t.equal_kept < t.equal_total; ++c) {
+      equal_before[c] = seen;
+      for (int64_t j = 0; j < cand[c].count; ++j) seen += cand[c].keys[size_t(j)] == t.key;
+    }
+#pragma omp parallel for schedule(static) if (chunks > 1)
     for (int64_t c = 0; c < chunks; ++c) {
+      int64_t equal_seen = equal_before[c];
       for (int64_t j = 0; j < cand[c].count; ++j) {
         const uint32_t kk = cand[c].keys[size_t(j)];
         if (kk < t.key || (kk == t.key && equal_seen++ >= t.equal_kept)) out[c * kChunk + cand[c].offs[size_t(j)]] = 0;

@@ -33,6 +33,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <functional>
 #include <vector>
 
 namespace pyfuse {
@@ -243,6 +244,38 @@ Band sample_band(int64_t n, int64_t k, KeyFn key_of) {
   for (uint32_t bin = bottom; bin < (b.hi >> shift); ++bin) sampled += hist[bin];
   b.expected = sampled * (n / s);
   return b;
+}
+
+// The threshold among the m candidates of a band (every key in [lo, hi)), for need in [1, m]: the need-th
+// largest key, and how many candidates equal it and are kept (equal_before stays empty: the caller walks its
+// candidates in index order). One pass into at most 2048 bins of key - lo (L1-sized, unlike a 16-bit
+// first-level histogram, which costs more to clear and scan than a few hundred thousand candidates), then an
+// exact nth_element over the boundary bin's keys.
+template <class KeyFn>
+Threshold select_in_band(int64_t m, int64_t need, uint32_t lo, uint32_t hi, KeyFn key_of) {
+  int shift = 0;
+  while (((hi - lo - 1u) >> shift) >= 2048u) ++shift;
+  std::vector<int64_t> hist(((hi - lo - 1u) >> shift) + 1u, 0);
+  for (int64_t j = 0; j < m; ++j) ++hist[(key_of(j) - lo) >> shift];
+  int64_t above = 0;
+  const uint32_t bin = top_bin(hist, need, &above);
+  std::vector<uint32_t> in_bin;
+  in_bin.reserve(size_t(hist[bin]));
+  for (int64_t j = 0; j < m; ++j) {
+    const uint32_t key = key_of(j);
+    if (((key - lo) >> shift) == bin) in_bin.push_back(key);
+  }
+  const int64_t rank = need - above;  // 1..hist[bin], counted from the largest
+  std::nth_element(in_bin.begin(), in_bin.begin() + (rank - 1), in_bin.end(), std::greater<uint32_t>());
+  Threshold t;
+  t.key = in_bin[size_t(rank - 1)];
+  int64_t greater = 0;
+  for (const uint32_t key : in_bin) {
+    greater += key > t.key;
+    t.equal_total += key == t.key;
+  }
+  t.equal_kept = rank - greater;
+  return t;
 }
 
 template <int kKeyBits, class KeyFn>
