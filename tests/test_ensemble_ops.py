@@ -193,6 +193,27 @@ def test_semantics_ties_absent_many_to_one(backend, device):
     assert geo.union_ids.tolist() == [1] and torch.allclose(geo.prob.cpu(), torch.tensor([1.0]))
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_greedy_many_to_one_sum_wins(backend, device):
+    """Greedy "prob" skips union ids that cannot reach the best key: a many-to-one union id must stay a
+    candidate when each of its ids alone is far below the top id (below the single-id screen, about e = 0.25
+    here) but their sum is above it. Model 0: id 0 (union 0) at e = 1, ids 1-5 (union 1) at e = 0.22 each
+    (sum 1.1), id 6 (union 2) at e = 0.6, then padding; row 1 drops one of union 1's ids (sum 0.88)."""
+    V = 1000
+    fwd = torch.full((V,), -1, dtype=torch.int32)
+    fwd[:7] = torch.tensor([0, 1, 1, 1, 1, 1, 2], dtype=torch.int32)
+    fwd[7:900] = torch.arange(3, 896, dtype=torch.int32)
+    vmap = SimpleVocabMap([fwd, torch.arange(896, dtype=torch.int32)], 896)
+    x0 = torch.full((2, V), -30.0)
+    x0[:, :7] = torch.tensor([5.0] + [5 + math.log(0.22)] * 5 + [5 + math.log(0.6)])
+    x0[1, 3] = -30.0
+    logits = [x0.to(device), torch.zeros(2, 896, device=device)]
+    out = next_token(logits, vmap, [0.9, 0.1], backend=backend)
+    assert out.union_ids.tolist() == [1, 0]
+    assert torch.equal(out.prob.cpu(), next_token([x.cpu() for x in logits], vmap, [0.9, 0.1],
+                                                   backend="reference").prob)
+
+
 def test_sampling_chi_square():
     """2000 rows draw independently (counter = row); frequencies vs union_probs. Pearson chi-square over the
     union ids with p > 0, bins of expected count < 5 merged, df = bins - 1, threshold the 1 - 1e-3 quantile

@@ -308,39 +308,48 @@ struct RowKeys {
   std::vector<int64_t> best, z;
 };
 
-// Appends to_union[v] for the valid ids with y_v >= thr, and for those with y_v >= thr_multi (<= thr) whose
-// union id has several model ids (their sum may pass). Blocks are screened with a vectorised count.
+// Appends to_union[v] for the valid ids with y_v >= thr. Hits are rare (well under 1 % of a row): short
+// blocks screened with a vectorised count keep the scalar re-scan of a hit block cheap.
 template <int DT>
-PYFUSE_INLINE void candidates_above_t(const void* x, const int32_t* fwd, const int32_t* rev_offsets, int64_t V,
-                                      float inv_t, float thr, float thr_multi, std::vector<int64_t>& out) {
-  constexpr int64_t kBlock = 256;
+PYFUSE_INLINE void candidates_above_t(const void* x, const int32_t* fwd, int64_t V, float inv_t, float thr,
+                                      std::vector<int64_t>& out) {
+  constexpr int64_t kBlock = 64;
   for (int64_t v0 = 0; v0 < V; v0 += kBlock) {
     const int64_t n = std::min(kBlock, V - v0);
     int32_t hits = 0;
-    for (int64_t v = v0; v < v0 + n; ++v) hits += load_float(x, DT, v) * inv_t >= thr_multi;
+    for (int64_t v = v0; v < v0 + n; ++v) hits += load_float(x, DT, v) * inv_t >= thr;
     if (hits == 0) continue;
     for (int64_t v = v0; v < v0 + n; ++v) {
-      const float y = load_float(x, DT, v) * inv_t;
-      const int32_t u = fwd[v];
-      if (u < 0 || !(y >= thr_multi)) continue;
-      if (y >= thr || rev_offsets[u + 1] - rev_offsets[u] > 1) out.push_back(u);
+      if (fwd[v] >= 0 && load_float(x, DT, v) * inv_t >= thr) out.push_back(fwd[v]);
     }
   }
 }
 
-#define PYFUSE_CANDIDATES(name, DT)                                                                    \
-  PYFUSE_HOT void name(const void* x, const int32_t* f, const int32_t* off, int64_t V, float t, float thr, \
-                       float thr_multi, std::vector<int64_t>& o) {                                    \
-    candidates_above_t<DT>(x, f, off, V, t, thr, thr_multi, o);                                       \
+#define PYFUSE_CANDIDATES(name, DT)                                                                          \
+  PYFUSE_HOT void name(const void* x, const int32_t* f, int64_t V, float t, float thr, std::vector<int64_t>& o) { \
+    candidates_above_t<DT>(x, f, V, t, thr, o);                                                              \
   }
 PYFUSE_CANDIDATES(candidates_f32, kFloat32)
 PYFUSE_CANDIDATES(candidates_f16, kFloat16)
 PYFUSE_CANDIDATES(candidates_bf16, kBFloat16)
 
+// Appends the union ids of row b's model m with an id at y_v >= thr, and the many-to-one union ids (several
+// ids of model m: their sum may pass) with an id at y_v >= thr_multi (<= thr). The second set comes from the
+// map's list of ids after the first (a few % of V), not from a second screen of the row: with thr_multi a
+// few units of y lower, that screen hit most blocks. A union id may be appended twice.
 void candidates_above(const Args& a, int m, int64_t b, float thr, float thr_multi, std::vector<int64_t>& out) {
   const void* x = row_ptr(a, m, b);
   auto fn = a.dtype == kFloat32 ? candidates_f32 : a.dtype == kFloat16 ? candidates_f16 : candidates_bf16;
-  fn(x, a.to_union[m], a.rev_offsets[m], a.vocab[m], a.inv_temp[m], thr, thr_multi, out);
+  fn(x, a.to_union[m], a.vocab[m], a.inv_temp[m], thr, out);
+  const float inv_t = a.inv_temp[m];
+  const Extra* extra = reinterpret_cast<const Extra*>(a.multi[m]);
+  for (int64_t p = 0; p < a.num_multi[m]; ++p) {
+    const int32_t first = a.first_ids[m][extra[p].u];
+    if (load_float(x, a.dtype, extra[p].v) * inv_t >= thr_multi ||
+        (first >= 0 && load_float(x, a.dtype, first) * inv_t >= thr_multi)) {
+      out.push_back(extra[p].u);
+    }
+  }
 }
 
 // Greedy next token for mode "prob", absent "zero", without computing every key: with tau the best key
