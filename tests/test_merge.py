@@ -189,20 +189,23 @@ def test_cpu_band_paths(dtype, avx512):
     magnitude (one threshold per model) and breadcrumbs (two), with and without a base. Sorted deltas pack
     the candidates into a few chunks (their buffers must grow); deltas on a 2^-12 grid put a few dozen ties
     at each threshold inside the band (the tie bound comes from the candidates' offsets); n = 300001
-    leaves a tail."""
+    leaves a tail. Second set: 16-bit weights fine-tuned by 1 %, whose deltas take few values: one key holds
+    over 1 % of the elements at the threshold, so the sweep counts it instead of storing it and the tie bound
+    comes from its per-chunk counts and a scan of one chunk."""
     n = 300_001
     g = torch.Generator().manual_seed(9)
     base = torch.randint(-8, 9, (n,), generator=g).float() / 8  # exact in fp32: x - base recovers the grid
     models = [base + 0.1 * torch.randn(n, generator=g), base + (0.1 * torch.randn(n, generator=g)).sort().values,
               base + torch.round(torch.randn(n, generator=g) * 4096) / 4096]
+    smooth = torch.randn(n, generator=g).to(dtype)
+    tuned = [(smooth.float() + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(3)]
+    sets = [(base.to(dtype), [m.to(dtype) for m in models]), (None, [m.to(dtype) for m in models]), (smooth, tuned)]
     with cpu_band_path(avx512) as used:
         if avx512 and not used:
             pytest.skip("this CPU has no AVX-512 F/BW/VL/DQ")
-        for b in (base, None):
+        for b, ms in sets:
             for kw in (dict(sparsify="magnitude", density=0.2), dict(sparsify="breadcrumbs", density=0.3, gamma=0.05)):
-                got, want = both("cpu", None if b is None else b.to(dtype), [m.to(dtype) for m in models],
-                                 [1.0, 0.6, 0.8],
-                                 consensus="sum", normalize="agree_weight", **kw)
+                got, want = both("cpu", b, ms, [1.0, 0.6, 0.8], consensus="sum", normalize="agree_weight", **kw)
                 assert torch.equal(got, want)
 
 

@@ -41,12 +41,13 @@ bool set_band_avx512(bool enabled);
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 
-// 16 keys (< 2^31) at chunk offsets `offset`: appends those in [lo, hi) to c, returns how many are >= hi.
-// Call only from functions compiled for the same target, and only when band_avx512_usable().
+// 16 keys (< 2^31) at chunk offsets `offset`: appends those in [lo, hi) but the lanes in `skip` to c, returns
+// how many are >= hi. Call only from functions compiled for the same target, and only when
+// band_avx512_usable().
 inline __attribute__((always_inline)) int collect_band16(__m512i key, __m512i offset, __m512i lo, __m512i hi,
-                                                         BandCandidates& c) {
+                                                         BandCandidates& c, __mmask16 skip = 0) {
   const __mmask16 above = _mm512_cmpge_epu32_mask(key, hi);
-  const __mmask16 band = _kandn_mask16(above, _mm512_cmpge_epu32_mask(key, lo));
+  const __mmask16 band = _kandn_mask16(_kor_mask16(above, skip), _mm512_cmpge_epu32_mask(key, lo));
   if (band != 0) {  // most vectors: nothing to store
     if (c.count + 16 >= int64_t(c.keys.size())) c.reserve(int64_t(c.keys.size()) * 2);
     _mm512_storeu_si512(c.keys.data() + c.count, _mm512_maskz_compress_epi32(band, key));

@@ -57,8 +57,11 @@ PYFUSE_INLINE void store_out(const Config& c, int64_t start, int64_t len, const 
     return;
   }
   uint16_t* out = static_cast<uint16_t*>(c.out) + start;
-  const bool half = c.out_dtype == kFloat16;
-  for (int64_t j = 0; j < len; ++j) out[j] = half ? float_to_fp16(res[j]) : float_to_bf16(res[j]);
+  if (c.out_dtype == kBFloat16) {  // branch-free rounding: this loop vectorizes
+    for (int64_t j = 0; j < len; ++j) out[j] = float_to_bf16(res[j]);
+  } else {
+    for (int64_t j = 0; j < len; ++j) out[j] = float_to_fp16(res[j]);
+  }
 }
 
 struct Scratch {
@@ -398,22 +401,39 @@ PYFUSE_INLINE void l1_body(const Config& c, const void* const* x, const Model* m
   }
 }
 
-// Keys |x - base| of elements [begin, begin + len) into key[] and band flags (lo <= key < hi) into flag[];
-// returns how many are flagged and adds the number of keys >= hi to *above.
+// A job's band: the keys lo <= key < hi are candidates, except up to two heavily tied keys inside it that are
+// only counted (kNoKey: none; no key is that large).
+constexpr uint32_t kNoKey = UINT32_MAX;
+struct BandSpec {
+  uint32_t lo, hi, heavy[2];
+};
+// Per fixed chunk and job: keys >= hi, and the count of each heavy key.
+struct BandCounts {
+  int64_t above = 0, heavy[2] = {0, 0};
+};
+
+// Keys |x - base| of elements [begin, begin + len) into key[] and candidate flags into flag[]; returns how
+// many are flagged and adds to counts.
 template <int32_t kDtype>
-PYFUSE_INLINE int64_t band_body(const void* x, const void* base, int64_t begin, int64_t len, uint32_t lo, uint32_t hi,
-                                uint32_t* key, uint8_t* flag, int64_t* above) {
-  uint32_t in_band = 0, over = 0;  // 32-bit counts (blocks are short): no widening in the vector loop
+PYFUSE_INLINE int64_t band_body(const void* x, const void* base, int64_t begin, int64_t len, const BandSpec& sp,
+                                uint32_t* key, uint8_t* flag, BandCounts* counts) {
+  const uint32_t lo = sp.lo, hi = sp.hi, h0 = sp.heavy[0], h1 = sp.heavy[1];
+  uint32_t in_band = 0, over = 0, eq0 = 0, eq1 = 0;  // 32-bit counts (blocks are short): no widening
   for (int64_t j = 0; j < len; ++j) {
     const float b = base == nullptr ? 0.0f : load<kDtype>(base, begin + j);
     const uint32_t kk = merge::magnitude_key(load<kDtype>(x, begin + j) - b);
     key[j] = kk;
-    const uint8_t f = static_cast<uint8_t>((kk >= lo) & (kk < hi));
+    const uint32_t e0 = kk == h0, e1 = kk == h1;
+    const uint8_t f = static_cast<uint8_t>((kk >= lo) & (kk < hi) & ((e0 | e1) ^ 1u));
     flag[j] = f;
     in_band += f;
     over += kk >= hi;
+    eq0 += e0;
+    eq1 += e1;
   }
-  *above += over;
+  counts->above += over;
+  counts->heavy[0] += eq0;
+  counts->heavy[1] += eq1;
   return in_band;
 }
 
@@ -428,9 +448,9 @@ inline bool linear_merge(const Config& c, const Model* models) {
 }
 
 #define PYFUSE_MERGE_CLONES(suffix, dtype)                                                                     \
-  PYFUSE_CLONES int64_t band_##suffix(const void* x, const void* base, int64_t begin, int64_t len, uint32_t lo,  \
-                                      uint32_t hi, uint32_t* key, uint8_t* flag, int64_t* above) {              \
-    return band_body<dtype>(x, base, begin, len, lo, hi, key, flag, above);                                     \
+  PYFUSE_CLONES int64_t band_##suffix(const void* x, const void* base, int64_t begin, int64_t len,            \
+                                      const BandSpec& sp, uint32_t* key, uint8_t* flag, BandCounts* counts) {   \
+    return band_body<dtype>(x, base, begin, len, sp, key, flag, counts);                                        \
   }                                                                                                             \
   PYFUSE_CLONES void fused_##suffix(const Config& c, const void* const* x, const Model* m, int64_t start,       \
                                     int64_t len, int64_t stride, Scratch& s) {                                  \
@@ -467,21 +487,19 @@ void top_set(int64_t n, int64_t k, KeyFn key_of, uint32_t* t, int64_t* b) {
 
 // The band step of one block [begin, begin + len) of fixed chunk cbegin for one job: appends the elements with
 // lo <= |x - base| < hi to c (offsets in the chunk), returns how many keys are >= hi.
-using BandFn = int64_t (*)(const void* x, const void* base, int64_t begin, int64_t len, int64_t cbegin, uint32_t lo,
-                           uint32_t hi, BandCandidates& c);
+using BandFn = void (*)(const void* x, const void* base, int64_t begin, int64_t len, int64_t cbegin, const BandSpec& sp,
+                        BandCandidates& c, BandCounts& counts);
 constexpr int64_t kBandBlock = 4096;  // a block of base and of every model's keys and flags stays in L1
 
-template <int32_t kDtype, int64_t (*kFlags)(const void*, const void*, int64_t, int64_t, uint32_t, uint32_t, uint32_t*,
-                                            uint8_t*, int64_t*)>
-int64_t band_portable(const void* x, const void* base, int64_t begin, int64_t len, int64_t cbegin, uint32_t lo,
-                      uint32_t hi, BandCandidates& c) {
+template <int32_t kDtype, int64_t (*kFlags)(const void*, const void*, int64_t, int64_t, const BandSpec&, uint32_t*,
+                                            uint8_t*, BandCounts*)>
+void band_portable(const void* x, const void* base, int64_t begin, int64_t len, int64_t cbegin, const BandSpec& sp,
+                   BandCandidates& c, BandCounts& counts) {
   alignas(64) uint32_t key[kBandBlock];
   alignas(64) uint8_t flag[kBandBlock];
-  int64_t above = 0;
-  if (kFlags(x, base, begin, len, lo, hi, key, flag, &above) != 0) {
+  if (kFlags(x, base, begin, len, sp, key, flag, &counts) != 0) {
     select::for_each_flagged(flag, len, [&](int64_t j) { c.push(key[j], begin + j - cbegin); });
   }
-  return above;
 }
 
 #pragma GCC push_options
@@ -498,25 +516,39 @@ inline __m512 load16(const void* p, int64_t i) {
 // band_portable's result with AVX-512 (band_candidates.h): the same keys (the same float subtraction), no key
 // or flag arrays.
 template <int32_t kDtype>
-int64_t band_avx512(const void* x, const void* base, int64_t begin, int64_t len, int64_t cbegin, uint32_t lo,
-                    uint32_t hi, BandCandidates& c) {
-  const __m512i lo_v = _mm512_set1_epi32(static_cast<int32_t>(lo)), hi_v = _mm512_set1_epi32(static_cast<int32_t>(hi));
+void band_avx512(const void* x, const void* base, int64_t begin, int64_t len, int64_t cbegin, const BandSpec& sp,
+                 BandCandidates& c, BandCounts& counts) {
+  const __m512i lo_v = _mm512_set1_epi32(static_cast<int32_t>(sp.lo)), hi_v = _mm512_set1_epi32(static_cast<int32_t>(sp.hi));
+  const __m512i h0_v = _mm512_set1_epi32(static_cast<int32_t>(sp.heavy[0]));
+  const __m512i h1_v = _mm512_set1_epi32(static_cast<int32_t>(sp.heavy[1]));
   const __m512i abs_v = _mm512_set1_epi32(0x7fffffff), step = _mm512_set1_epi32(16);
   __m512i offset = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(begin - cbegin)),
                                     _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  int64_t above = 0, j = 0;
+  const bool heavy = sp.heavy[0] != kNoKey;
+  int64_t above = 0, eq0 = 0, eq1 = 0, j = 0;
   for (; j + 16 <= len; j += 16, offset = _mm512_add_epi32(offset, step)) {
     const __m512 b = base == nullptr ? _mm512_setzero_ps() : load16<kDtype>(base, begin + j);
     const __m512i key = _mm512_and_si512(_mm512_castps_si512(_mm512_sub_ps(load16<kDtype>(x, begin + j), b)), abs_v);
-    above += collect_band16(key, offset, lo_v, hi_v, c);
+    __mmask16 skip = 0;
+    if (heavy) {
+      const __mmask16 e0 = _mm512_cmpeq_epi32_mask(key, h0_v), e1 = _mm512_cmpeq_epi32_mask(key, h1_v);
+      eq0 += __builtin_popcount(e0);
+      eq1 += __builtin_popcount(e1);
+      skip = _kor_mask16(e0, e1);
+    }
+    above += collect_band16(key, offset, lo_v, hi_v, c, skip);
   }
   for (; j < len; ++j) {
     const float b = base == nullptr ? 0.0f : load<kDtype>(base, begin + j);
     const uint32_t key = merge::magnitude_key(load<kDtype>(x, begin + j) - b);
-    above += key >= hi;
-    if (key >= lo && key < hi) c.push(key, begin + j - cbegin);
+    above += key >= sp.hi;
+    eq0 += key == sp.heavy[0];
+    eq1 += key == sp.heavy[1];
+    if (key >= sp.lo && key < sp.hi && key != sp.heavy[0] && key != sp.heavy[1]) c.push(key, begin + j - cbegin);
   }
-  return above;
+  counts.above += above;
+  counts.heavy[0] += eq0;
+  counts.heavy[1] += eq1;
 }
 
 #pragma GCC pop_options
@@ -539,8 +571,9 @@ struct TopJob {
   uint32_t* t;  // the (t, b) form of the set, as top_set gives it
   int64_t* b;
   select::Band band;
-  std::vector<BandCandidates> cand;  // per fixed chunk: the band's elements
-  std::vector<int64_t> above;        // per fixed chunk: keys >= band.hi
+  BandSpec spec;
+  std::vector<BandCandidates> cand;  // per fixed chunk: the band's elements but the heavy keys
+  std::vector<BandCounts> counts;    // per fixed chunk: keys >= band.hi, and of each heavy key
 };
 
 template <int32_t kDtype>
@@ -551,28 +584,43 @@ auto magnitude_keys(const void* x, const void* base) {
   };
 }
 
-// The threshold of a job whose band sweep is done: exact selection among the band's candidates, or top_set
-// (two or three more reads) when the band missed the k-th key.
+// The threshold of a job whose band sweep is done: exact selection among the band's candidates and heavy keys,
+// or top_set (two or three more reads) when the band missed the k-th key.
 template <int32_t kDtype>
 void finish_job(const Config& c, TopJob& job) {
   const int64_t chunks = select::num_chunks(c.n);
-  int64_t above = 0, m = 0;
+  int64_t above = 0, m = 0, heavy[2] = {0, 0};
   for (int64_t ch = 0; ch < chunks; ++ch) {
-    above += job.above[ch];
+    above += job.counts[ch].above;
     m += job.cand[ch].count;
+    for (int h = 0; h < 2; ++h) heavy[h] += job.counts[ch].heavy[h];
   }
-  if (above >= job.k || above + m < job.k) return top_set(c.n, job.k, magnitude_keys<kDtype>(job.x, c.base), job.t, job.b);
+  const auto key_of = magnitude_keys<kDtype>(job.x, c.base);
+  if (above >= job.k || above + m + heavy[0] + heavy[1] < job.k) return top_set(c.n, job.k, key_of, job.t, job.b);
   std::vector<uint32_t> all;  // candidate keys in flat index order
   all.reserve(static_cast<size_t>(m));
   for (int64_t ch = 0; ch < chunks; ++ch) {
     all.insert(all.end(), job.cand[ch].keys.begin(), job.cand[ch].keys.begin() + job.cand[ch].count);
   }
-  const select::Threshold th =
-      select::select_in_band(m, job.k - above, job.band.lo, job.band.hi, [&all](int64_t j) { return all[j]; });
+  const int extras = job.spec.heavy[0] == kNoKey ? 0 : job.spec.heavy[1] == kNoKey ? 1 : 2;
+  const select::Threshold th = select::select_in_band(
+      m, job.k - above, job.spec.lo, job.spec.hi, [&all](int64_t j) { return all[j]; }, job.spec.heavy, heavy, extras);
   *job.t = th.key;
   *job.b = INT64_MAX;
   if (th.equal_kept == th.equal_total) return;
-  int64_t need = th.equal_kept;  // the tie bound: one past the equal_kept-th candidate equal to t
+  int64_t need = th.equal_kept;  // the tie bound: one past the equal_kept-th element whose key is t
+  for (int h = 0; h < extras; ++h) {
+    if (th.key != job.spec.heavy[h]) continue;
+    // A heavy key: its per-chunk counts give the chunk where the quota runs out; that chunk is scanned.
+    int64_t ch = 0;
+    while (need > job.counts[ch].heavy[h]) need -= job.counts[ch++].heavy[h];
+    for (int64_t i = ch * select::kChunk;; ++i) {
+      if (key_of(i) == th.key && --need == 0) {
+        *job.b = i + 1;
+        return;
+      }
+    }
+  }
   for (int64_t ch = 0; ch < chunks; ++ch) {
     const BandCandidates& cand = job.cand[ch];
     for (int64_t j = 0; j < cand.count; ++j) {
@@ -588,8 +636,9 @@ void finish_job(const Config& c, TopJob& job) {
 // (select::sample_band) that holds its k-th largest key; one sweep over fixed chunks then counts, per job,
 // the keys above the band and collects the band's keys with their offsets (so in flat order), every job of
 // a block while that block of base (and of its model) is in L1; each threshold is then selected exactly
-// among its candidates. A job falls back to top_set for small inputs, when its band misses, or with heavy
-// ties (more candidates than 1/20 of the input's bytes).
+// among its candidates. Heavy ties (more candidates than 1/20 of the input's bytes) are met by counting the two
+// most frequent keys of the band instead of storing them. A job falls back to top_set for small inputs, when
+// its band misses, or when even then its candidates would not fit.
 template <int32_t kDtype>
 void band_top_sets(const Config& c, std::vector<TopJob>& jobs, BandFn band_fn) {
   constexpr int64_t kSampleMin = 1 << 18;  // below this a full histogram pass is cheap anyway
@@ -599,12 +648,22 @@ void band_top_sets(const Config& c, std::vector<TopJob>& jobs, BandFn band_fn) {
   for (TopJob& job : jobs) {
     const auto key_of = magnitude_keys<kDtype>(job.x, c.base);
     if (job.k > 0 && job.k < n && n >= kSampleMin) job.band = select::sample_band<31>(n, job.k, key_of);
-    if (job.band.hi == 0 || job.band.expected > fit) {
+    job.spec = {job.band.lo, job.band.hi, {kNoKey, kNoKey}};
+    int64_t stored = job.band.expected;
+    if (job.band.hi != 0 && stored > fit) {  // crowded by ties? count the two most frequent keys instead
+      const std::vector<select::HeavyKey> heavy = select::heavy_keys(n, job.band, key_of, 2);
+      for (size_t h = 0; h < heavy.size(); ++h) {
+        job.spec.heavy[h] = heavy[h].key;
+        stored -= heavy[h].expected;
+      }
+    }
+    if (job.band.hi == 0 || stored > fit) {
       top_set(n, job.k, key_of, job.t, job.b);
       continue;
     }
+    job.band.expected = stored;
     job.cand.resize(chunks);
-    job.above.assign(chunks, 0);
+    job.counts.assign(chunks, BandCounts{});
     banded.push_back(&job);
   }
   if (banded.empty()) return;
@@ -614,9 +673,7 @@ void band_top_sets(const Config& c, std::vector<TopJob>& jobs, BandFn band_fn) {
     for (TopJob* job : banded) job->cand[ch].reserve(job->band.expected / chunks * 5 / 4 + 16);
     for (int64_t begin = cbegin; begin < cend; begin += kBandBlock) {
       const int64_t len = std::min(kBandBlock, cend - begin);
-      for (TopJob* job : banded) {
-        job->above[ch] += band_fn(job->x, c.base, begin, len, cbegin, job->band.lo, job->band.hi, job->cand[ch]);
-      }
+      for (TopJob* job : banded) band_fn(job->x, c.base, begin, len, cbegin, job->spec, job->cand[ch], job->counts[ch]);
     }
   }
   for (TopJob* job : banded) finish_job<kDtype>(c, *job);
@@ -628,8 +685,8 @@ void thresholds(const Config& c, const void* const* x, const int64_t* k_keep, co
   for (int32_t i = 0; i < c.k; ++i) {
     Model& m = models[i];
     if (m.keep_all) continue;
-    jobs.push_back(TopJob{x[i], k_keep[i], &m.t_keep, &m.b_keep, {}, {}, {}});
-    jobs.push_back(TopJob{x[i], k_drop[i], &m.t_drop, &m.b_drop, {}, {}, {}});
+    jobs.push_back(TopJob{x[i], k_keep[i], &m.t_keep, &m.b_keep, {}, {}, {}, {}});
+    jobs.push_back(TopJob{x[i], k_drop[i], &m.t_drop, &m.b_drop, {}, {}, {}, {}});
   }
   band_top_sets<kDtype>(c, jobs, band_step<kDtype>());
 }

@@ -34,6 +34,7 @@
 #include <algorithm>
 #include <cmath>
 #include <functional>
+#include <utility>
 #include <vector>
 
 namespace pyfuse {
@@ -221,15 +222,26 @@ struct Band {
   int64_t expected = 0;
 };
 
+// The sample's geometry: `size` keys, sample i at flat index index(i).
+struct SampleGeometry {
+  static constexpr int64_t kRun = 64;
+  int64_t stride, size;
+  explicit SampleGeometry(int64_t n) {
+    const int64_t runs = std::max(n / 64, std::min<int64_t>(n / 4, 65536)) / kRun;
+    stride = n / runs;
+    size = runs * kRun;
+  }
+  int64_t index(int64_t i) const { return i / kRun * stride + i % kRun; }
+};
+
 template <int kKeyBits, class KeyFn>
 Band sample_band(int64_t n, int64_t k, KeyFn key_of) {
-  constexpr int64_t kRun = 64;
   constexpr int shift = kKeyBits > 16 ? kKeyBits - 16 : 0;
-  const int64_t runs = std::max(n / 64, std::min<int64_t>(n / 4, 65536)) / kRun;
-  const int64_t stride = n / runs, s = runs * kRun;
+  const SampleGeometry g(n);
+  const int64_t s = g.size;
   std::vector<int64_t> hist;
   histogram(
-      s, [&key_of, stride](int64_t i) { return key_of(i / kRun * stride + i % kRun); },
+      s, [&key_of, g](int64_t i) { return key_of(g.index(i)); },
       [](uint32_t key, uint32_t* h) { ++h[key >> shift]; }, int64_t(1) << (kKeyBits - shift), hist);
   const double p = double(k) / double(n), rank = p * double(s);
   const double margin = 4.0 * std::sqrt(double(s) * p * (1.0 - p)) + 2.0;
@@ -246,33 +258,91 @@ Band sample_band(int64_t n, int64_t k, KeyFn key_of) {
   return b;
 }
 
-// The threshold among the m candidates of a band (every key in [lo, hi)), for need in [1, m]: the need-th
-// largest key, and how many candidates equal it and are kept (equal_before stays empty: the caller walks its
-// candidates in index order). One pass into at most 2048 bins of key - lo (L1-sized, unlike a 16-bit
-// first-level histogram, which costs more to clear and scan than a few hundred thousand candidates), then an
-// exact nth_element over the boundary bin's keys.
+// The most frequent exact keys inside a band, from the same sample as sample_band (a second read of it):
+// at most max_keys of them, most frequent first, each with its estimated count over all n keys. A band
+// crowded by a few heavily tied keys (deltas of 16-bit weights) can count those instead of storing them.
+struct HeavyKey {
+  uint32_t key;
+  int64_t expected;
+};
+
 template <class KeyFn>
-Threshold select_in_band(int64_t m, int64_t need, uint32_t lo, uint32_t hi, KeyFn key_of) {
+std::vector<HeavyKey> heavy_keys(int64_t n, const Band& band, KeyFn key_of, int max_keys) {
+  const SampleGeometry g(n);
+  std::vector<uint32_t> in;
+  for (int64_t i = 0; i < g.size; ++i) {
+    const uint32_t key = key_of(g.index(i));
+    if (key >= band.lo && key < band.hi) in.push_back(key);
+  }
+  std::sort(in.begin(), in.end());
+  std::vector<HeavyKey> runs;
+  for (size_t i = 0; i < in.size();) {
+    size_t j = i;
+    while (j < in.size() && in[j] == in[i]) ++j;
+    runs.push_back({in[i], int64_t(j - i) * (n / g.size)});
+    i = j;
+  }
+  std::sort(runs.begin(), runs.end(), [](const HeavyKey& a, const HeavyKey& b) { return a.expected > b.expected; });
+  if (int(runs.size()) > max_keys) runs.resize(size_t(max_keys));
+  return runs;
+}
+
+// The threshold among the m candidates of a band (every key in [lo, hi)) and, optionally, `extras` keys of the
+// band given only by their counts (heavily tied keys the caller counted instead of storing), for need in
+// [1, m + their counts]: the need-th largest key, and how many candidates equal it and are kept (equal_before
+// stays empty: the caller walks its candidates in index order). One pass into at most 2048 bins of key - lo
+// (L1-sized, unlike a 16-bit first-level histogram, which costs more to clear and scan than a few hundred
+// thousand candidates), then an exact pass over the boundary bin's keys.
+template <class KeyFn>
+Threshold select_in_band(int64_t m, int64_t need, uint32_t lo, uint32_t hi, KeyFn key_of, const uint32_t* extra_keys = nullptr,
+                         const int64_t* extra_counts = nullptr, int extras = 0) {
   int shift = 0;
   while (((hi - lo - 1u) >> shift) >= 2048u) ++shift;
   std::vector<int64_t> hist(((hi - lo - 1u) >> shift) + 1u, 0);
   for (int64_t j = 0; j < m; ++j) ++hist[(key_of(j) - lo) >> shift];
+  for (int e = 0; e < extras; ++e) hist[(extra_keys[e] - lo) >> shift] += extra_counts[e];
   int64_t above = 0;
   const uint32_t bin = top_bin(hist, need, &above);
   std::vector<uint32_t> in_bin;
-  in_bin.reserve(size_t(hist[bin]));
   for (int64_t j = 0; j < m; ++j) {
     const uint32_t key = key_of(j);
     if (((key - lo) >> shift) == bin) in_bin.push_back(key);
   }
   const int64_t rank = need - above;  // 1..hist[bin], counted from the largest
-  std::nth_element(in_bin.begin(), in_bin.begin() + (rank - 1), in_bin.end(), std::greater<uint32_t>());
   Threshold t;
-  t.key = in_bin[size_t(rank - 1)];
+  // The bin's extras, each with its count (no more than `extras` of them).
+  std::vector<std::pair<uint32_t, int64_t>> bin_extras;
+  for (int e = 0; e < extras; ++e) {
+    if (((extra_keys[e] - lo) >> shift) == bin) bin_extras.push_back({extra_keys[e], extra_counts[e]});
+  }
+  if (bin_extras.empty()) {
+    std::nth_element(in_bin.begin(), in_bin.begin() + (rank - 1), in_bin.end(), std::greater<uint32_t>());
+    t.key = in_bin[size_t(rank - 1)];
+  } else {  // walk the bin's keys from the largest, each extra weighted by its count
+    std::sort(in_bin.begin(), in_bin.end(), std::greater<uint32_t>());
+    std::sort(bin_extras.begin(), bin_extras.end(), std::greater<std::pair<uint32_t, int64_t>>());
+    size_t i = 0, e = 0;
+    for (int64_t seen = 0;;) {
+      const uint32_t key = std::max(i < in_bin.size() ? in_bin[i] : 0u, e < bin_extras.size() ? bin_extras[e].first : 0u);
+      int64_t count = 0;
+      for (; i < in_bin.size() && in_bin[i] == key; ++i) ++count;
+      for (; e < bin_extras.size() && bin_extras[e].first == key; ++e) count += bin_extras[e].second;
+      if (seen + count >= rank) {
+        t.key = key;
+        break;
+      }
+      seen += count;
+    }
+  }
   int64_t greater = 0;
-  for (const uint32_t key : in_bin) {
-    greater += key > t.key;
+  for (int64_t j = 0; j < m; ++j) {
+    const uint32_t key = key_of(j);
+    greater += key > t.key && ((key - lo) >> shift) == bin;
     t.equal_total += key == t.key;
+  }
+  for (const auto& e : bin_extras) {
+    greater += e.first > t.key ? e.second : 0;
+    t.equal_total += e.first == t.key ? e.second : 0;
   }
   t.equal_kept = rank - greater;
   return t;
