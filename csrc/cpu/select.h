@@ -24,8 +24,8 @@
 // Passes over the keys: 1 (16-bit-key histogram) + 1 (second level on the boundary bucket, only when
 // kKeyBits > 16) + 1 (per-chunk count of keys equal to the threshold, only when t.split()).
 // Memory: one histogram per thread (at most 2^16 uint32) and one int64 per chunk when split.
-// The lower-level pieces (histogram, top_bin, find_bucket, threshold_in_bucket, refine, equal_before)
-// let an op fuse its own passes (see prune.cpp).
+// The lower-level pieces (histogram, top_bin, find_bucket, threshold_in_bucket, refine, equal_before,
+// sample_band, heavy_keys, select_in_band) let an op fuse its own passes (see prune.cpp and merge.cpp).
 #pragma once
 
 #include <stdint.h>
