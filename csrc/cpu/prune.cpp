@@ -175,14 +175,8 @@ PYFUSE_INLINE void random_prune_block(const void* x, void* out, int64_t begin, i
     for (int64_t j = 0; j < len; ++j) ob[j] = xb[j] & (Bits(0) - Bits(u[j] < d));
     return;
   }
-  if constexpr (kDtype == kFloat16) {  // the half conversions branch: one scalar loop is fastest
-    for (int64_t j = 0; j < len; ++j) {
-      store_float(out, kDtype, begin + j, u[j] < d ? load_float(x, kDtype, begin + j) / d : 0.0f);
-    }
-    return;
-  }
-  // x / d where kept, else +0, in float32, then rounded to the dtype (float_to_bf16 is branch-free, so the
-  // bfloat16 loops vectorize too: 2.3x faster than one scalar loop).
+  // x / d where kept, else +0, in float32, then rounded to the dtype (the conversions in common.h are
+  // branch-free, so the 16-bit loops vectorize too: bf16 2.3x faster than one scalar loop).
   alignas(64) float v[kRandomBlock];
   for (int64_t j = 0; j < len; ++j) {
     const float q = load_float(x, kDtype, begin + j) / d;

@@ -46,40 +46,37 @@ PYFUSE_HD uint16_t float_to_bf16(float f) {
   return static_cast<uint16_t>((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
+// Exact. Written without branches (every case computed, one selected), so that loops of it vectorize.
 PYFUSE_HD float fp16_to_float(uint16_t h) {
   const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
   const uint32_t exp = (h >> 10) & 0x1fu;
-  uint32_t mant = h & 0x3ffu;
-  if (exp == 0x1fu) return bits_float(sign | 0x7f800000u | (mant << 13));  // inf / nan
-  if (exp == 0) {
-    if (mant == 0) return bits_float(sign);
-    // Subnormal half: value = mant * 2^-24, exact in float32.
-    float v = static_cast<float>(mant) * 5.9604644775390625e-08f;
-    return sign ? -v : v;
-  }
-  return bits_float(sign | ((exp + 112u) << 23) | (mant << 13));
+  const uint32_t mant = h & 0x3ffu;
+  const uint32_t normal = sign | ((exp + 112u) << 23) | (mant << 13);
+  const uint32_t inf_nan = sign | 0x7f800000u | (mant << 13);
+  // Zero and subnormal halves: mant * 2^-24, exact in float32.
+  const uint32_t small = sign | float_bits(static_cast<float>(static_cast<int32_t>(mant)) * 5.9604644775390625e-08f);
+  // Bit-mask selects, not ?:, so that GCC cannot sink the float multiply into a branch (-ftrapping-math
+  // would then keep the branch and the loop scalar).
+  const uint32_t is_inf_nan = 0u - static_cast<uint32_t>(exp == 0x1fu), is_small = 0u - static_cast<uint32_t>(exp == 0);
+  return bits_float((inf_nan & is_inf_nan) | (small & is_small) | (normal & ~(is_inf_nan | is_small)));
 }
 
-// Round to nearest even, overflow to inf, NaN kept.
+// Round to nearest even, overflow to inf, NaN kept (as sign | 0x7e00). Branch-free like fp16_to_float.
 PYFUSE_HD uint16_t float_to_fp16(float f) {
   const uint32_t u = float_bits(f);
-  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return static_cast<uint16_t>(sign | 0x7e00u);
-  if (a >= 0x477ff000u) return static_cast<uint16_t>(sign | 0x7c00u);  // rounds to >= 65520: inf
-  if (a < 0x38800000u) {                                               // below 2^-14: subnormal half
-    if (a < 0x33000000u) return sign;                                  // below 2^-25: rounds to 0
-    const uint32_t exp = a >> 23;
-    const uint32_t mant = (a & 0x7fffffu) | 0x800000u;
-    const uint32_t shift = 126u - exp;  // 14..24
-    uint32_t half = mant >> shift;
-    const uint32_t rem = mant & ((1u << shift) - 1u);
-    const uint32_t mid = 1u << (shift - 1u);
-    if (rem > mid || (rem == mid && (half & 1u))) ++half;
-    return static_cast<uint16_t>(sign | half);
-  }
-  uint32_t r = a + 0xfffu + ((a >> 13) & 1u);
-  return static_cast<uint16_t>(sign | ((r - 0x38000000u) >> 13));
+  const uint32_t normal = sign | ((a + 0xfffu + ((a >> 13) & 1u) - 0x38000000u) >> 13);
+  // Below 2^-14 (subnormal half or zero): round |f| * 2^24 to an integer, to nearest even, by adding 2^23 in
+  // float32 (exact product; the sum rounds at the unit). Rounding up to 2^10 gives the smallest normal half.
+  const uint32_t small = sign | (float_bits(bits_float(a) * 16777216.0f + 8388608.0f) - 0x4b000000u);
+  const uint32_t is_small = 0u - static_cast<uint32_t>(a < 0x38800000u);
+  const uint32_t is_inf = 0u - static_cast<uint32_t>(a >= 0x477ff000u);  // rounds to >= 65520: inf
+  const uint32_t is_nan = 0u - static_cast<uint32_t>(a > 0x7f800000u);
+  uint32_t half = (small & is_small) | (normal & ~is_small);  // bit-mask selects, as in fp16_to_float
+  half = ((sign | 0x7c00u) & is_inf) | (half & ~is_inf);
+  half = ((sign | 0x7e00u) & is_nan) | (half & ~is_nan);
+  return static_cast<uint16_t>(half);
 }
 
 PYFUSE_HD float load_float(const void* p, int32_t dtype, int64_t i) {
