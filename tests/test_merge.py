@@ -209,6 +209,19 @@ def test_cpu_band_paths(dtype, avx512):
                 assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cpu_16bit_conversions_every_value(dtype):
+    """The CPU kernels convert 16-bit floats with branch-free code (so that the loops vectorize): every
+    finite and infinite 16-bit value, scaled by weights that round (0.3), overflow (1.7 near the top of
+    float16) and land in the subnormals (1e-3), must come out as the reference's torch conversions give."""
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(dtype)
+    every = every[~torch.isnan(every)]
+    for w in (0.3, 1.7, 1e-3):
+        got = merge_tensors(None, [every], [w], backend="cpu")
+        want = merge_tensors(None, [every], [w], backend="reference")
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
 def test_della_epsilon_zero(backend, device):
     """mergekit 0.1.5 accepts epsilon = 0 (every rank keeps with probability density); so does pyfuse."""
