@@ -32,6 +32,16 @@ struct BandCandidates {
   }
 };
 
+// Every chunk's candidate keys, concatenated: the keys in flat index order, for select::select_in_band.
+inline std::vector<uint32_t> keys_in_order(const std::vector<BandCandidates>& chunks) {
+  int64_t m = 0;
+  for (const BandCandidates& c : chunks) m += c.count;
+  std::vector<uint32_t> all;
+  all.reserve(size_t(m));
+  for (const BandCandidates& c : chunks) all.insert(all.end(), c.keys.begin(), c.keys.begin() + c.count);
+  return all;
+}
+
 // Whether the AVX-512 band paths run: the CPU has AVX-512 F, BW, VL and DQ, and the tests have not turned
 // them off (set_band_avx512, to check the portable paths against them on an AVX-512 machine).
 bool band_avx512_usable();

@@ -401,6 +401,15 @@ PYFUSE_INLINE void l1_body(const Config& c, const void* const* x, const Model* m
   }
 }
 
+// key_of(j) = |x_j - base_j| as a magnitude key (base null: 0), the keys every top-k set of a model selects on.
+template <int32_t kDtype>
+auto magnitude_keys(const void* x, const void* base) {
+  return [x, base](int64_t j) {
+    const float b = base == nullptr ? 0.0f : load<kDtype>(base, j);
+    return merge::magnitude_key(load<kDtype>(x, j) - b);
+  };
+}
+
 // A job's band: the keys lo <= key < hi are candidates, except up to two heavily tied keys inside it that are
 // only counted (kNoKey: none; no key is that large).
 constexpr uint32_t kNoKey = UINT32_MAX;
@@ -419,9 +428,9 @@ PYFUSE_INLINE int64_t band_body(const void* x, const void* base, int64_t begin, 
                                 uint32_t* key, uint8_t* flag, BandCounts* counts) {
   const uint32_t lo = sp.lo, hi = sp.hi, h0 = sp.heavy[0], h1 = sp.heavy[1];
   uint32_t in_band = 0, over = 0, eq0 = 0, eq1 = 0;  // 32-bit counts (blocks are short): no widening
+  const auto key_of = magnitude_keys<kDtype>(x, base);
   for (int64_t j = 0; j < len; ++j) {
-    const float b = base == nullptr ? 0.0f : load<kDtype>(base, begin + j);
-    const uint32_t kk = merge::magnitude_key(load<kDtype>(x, begin + j) - b);
+    const uint32_t kk = key_of(begin + j);
     key[j] = kk;
     const uint32_t e0 = kk == h0, e1 = kk == h1;
     const uint8_t f = static_cast<uint8_t>((kk >= lo) & (kk < hi) & ((e0 | e1) ^ 1u));
@@ -538,9 +547,9 @@ void band_avx512(const void* x, const void* base, int64_t begin, int64_t len, in
     }
     above += collect_band16(key, offset, lo_v, hi_v, c, skip);
   }
+  const auto key_of = magnitude_keys<kDtype>(x, base);
   for (; j < len; ++j) {
-    const float b = base == nullptr ? 0.0f : load<kDtype>(base, begin + j);
-    const uint32_t key = merge::magnitude_key(load<kDtype>(x, begin + j) - b);
+    const uint32_t key = key_of(begin + j);
     above += key >= sp.hi;
     eq0 += key == sp.heavy[0];
     eq1 += key == sp.heavy[1];
@@ -576,14 +585,6 @@ struct TopJob {
   std::vector<BandCounts> counts;    // per fixed chunk: keys >= band.hi, and of each heavy key
 };
 
-template <int32_t kDtype>
-auto magnitude_keys(const void* x, const void* base) {
-  return [x, base](int64_t j) {
-    const float b = base == nullptr ? 0.0f : load<kDtype>(base, j);
-    return merge::magnitude_key(load<kDtype>(x, j) - b);
-  };
-}
-
 // The threshold of a job whose band sweep is done: exact selection among the band's candidates and heavy keys,
 // or top_set (two or three more reads) when the band missed the k-th key.
 template <int32_t kDtype>
@@ -597,11 +598,7 @@ void finish_job(const Config& c, TopJob& job) {
   }
   const auto key_of = magnitude_keys<kDtype>(job.x, c.base);
   if (above >= job.k || above + m + heavy[0] + heavy[1] < job.k) return top_set(c.n, job.k, key_of, job.t, job.b);
-  std::vector<uint32_t> all;  // candidate keys in flat index order
-  all.reserve(static_cast<size_t>(m));
-  for (int64_t ch = 0; ch < chunks; ++ch) {
-    all.insert(all.end(), job.cand[ch].keys.begin(), job.cand[ch].keys.begin() + job.cand[ch].count);
-  }
+  const std::vector<uint32_t> all = keys_in_order(job.cand);
   const int extras = job.spec.heavy[0] == kNoKey ? 0 : job.spec.heavy[1] == kNoKey ? 1 : 2;
   const select::Threshold th = select::select_in_band(
       m, job.k - above, job.spec.lo, job.spec.hi, [&all](int64_t j) { return all[j]; }, job.spec.heavy, heavy, extras);

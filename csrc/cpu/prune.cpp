@@ -112,9 +112,7 @@ struct MagnitudePrune {
       m += cand[c].count;
     }
     if (above >= k || above + m < k) return false;
-    std::vector<uint32_t> all;  // candidate keys in flat index order
-    all.reserve(size_t(m));
-    for (int64_t c = 0; c < chunks; ++c) all.insert(all.end(), cand[c].keys.begin(), cand[c].keys.begin() + cand[c].count);
+    const std::vector<uint32_t> all = keys_in_order(cand);
     const select::Threshold t = select::select_in_band(m, k - above, lo, hi, [&all](int64_t j) { return all[j]; });
     // Zero the candidates below the threshold and the ties beyond k, chunks in parallel: each of these writes
     // misses the cache (the out lines are long evicted), so one thread would wait on every one in turn.
