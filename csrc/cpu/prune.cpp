@@ -29,8 +29,7 @@ using select::kChunk;
 // out[i] = x[i] where key >= lo, else +0, as an integer bit-mask select so that it vectorizes.
 template <class Bits>
 PYFUSE_INLINE void keep_from_body(const Bits* x, Bits* out, int64_t len, uint32_t lo) {
-  constexpr uint32_t kAbs = sizeof(Bits) == 4 ? 0x7fffffffu : 0x7fffu;
-  for (int64_t i = 0; i < len; ++i) out[i] = x[i] & (Bits(0) - Bits((uint32_t(x[i]) & kAbs) >= lo));
+  for (int64_t i = 0; i < len; ++i) out[i] = x[i] & (Bits(0) - Bits((uint32_t(x[i]) & abs_mask<Bits>()) >= lo));
 }
 
 PYFUSE_CLONES void keep_from(const uint32_t* x, uint32_t* out, int64_t len, uint32_t lo) {

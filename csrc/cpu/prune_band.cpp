@@ -15,11 +15,6 @@ namespace cpu {
 
 namespace {
 
-template <class Bits>
-constexpr uint32_t abs_mask() {
-  return sizeof(Bits) == 4 ? 0x7fffffffu : 0x7fffu;
-}
-
 // Scalar steps for the elements after the last whole vector.
 template <class Bits>
 int64_t keep_and_collect_tail(const Bits* x, Bits* out, int64_t begin, int64_t len, uint32_t lo, uint32_t hi,

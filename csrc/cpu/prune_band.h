@@ -11,6 +11,12 @@
 namespace pyfuse {
 namespace cpu {
 
+// The key of a float's bit pattern: |x| (the sign bit cleared), for uint32_t (float32) or uint16_t (16-bit).
+template <class Bits>
+constexpr uint32_t abs_mask() {
+  return sizeof(Bits) == 4 ? 0x7fffffffu : 0x7fffu;
+}
+
 // out[i] = key(x[i]) >= lo ? x[i] : 0 for i < len; appends to c the candidates lo <= key < hi; returns how
 // many keys are >= hi. Bits is uint32_t (float32, key = bits & 0x7fffffff) or uint16_t (16-bit floats,
 // key = bits & 0x7fff). The AVX-512 path requires band_avx512_usable().
