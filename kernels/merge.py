@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from pyfuse.kernels.philox import philox_uniform
+from pyfuse.kernels.philox import philox_packed_uniform
 from pyfuse.kernels.select import BLOCK as SELECT_BLOCK
 from pyfuse.kernels.select import select_threshold
 
@@ -79,13 +79,13 @@ def _masked(x0_ptr, base_ptr, xoff_ptr, mf_ptr, mi_ptr, i, offs, mask, ncols, se
         outlier = _in_top(key, offs, tl.load(mi_ptr + i * 5 + 2), tl.load(mi_ptr + i * 5 + 3))
         keep = keep | (top & ~outlier)
     elif SPARSIFY == 2:  # random (DARE)
-        u = philox_uniform(seed_lo, seed_hi, offs, i, purpose)
+        u = philox_packed_uniform(seed_lo, seed_hi, offs, i, purpose)
         keep = keep | (u < tl.load(mf_ptr + i * 5 + 3))
     elif SPARSIFY == 4:  # della: keep probability grows with the rank in the row
         rank = _row_rank(x_ptr, base_ptr, offs, mask, _key(d), ncols, HAS_BASE, RANK_TILE)
         t = tl.math.div_rn(rank.to(tl.float32), tl.maximum(ncols - 1, 1).to(tl.float32))
         p = tl.load(mf_ptr + i * 5 + 3) + t * tl.load(mf_ptr + i * 5 + 4)
-        u = philox_uniform(seed_lo, seed_hi, offs, i, purpose)
+        u = philox_packed_uniform(seed_lo, seed_hi, offs, i, purpose)
         keep = keep | (u < p)
     else:
         keep = keep | True

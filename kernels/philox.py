@@ -43,6 +43,21 @@ def philox_randint(seed_lo, seed_hi, index, stream, purpose):
 
 
 @triton.jit
+def philox_packed_randint(seed_lo, seed_hi, index, stream, purpose):
+    """The packed layout: word index % 4 of counter (index // 4, stream, purpose), for int64 ``index`` >= 0."""
+    idx = index.to(tl.uint64, bitcast=True)
+    block = idx >> 2
+    c0 = (block & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (block >> 32).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    c2 = (zero + stream).to(tl.uint32)
+    c3 = (zero + purpose).to(tl.uint32)
+    w0, w1, w2, w3 = philox4x32(c0, c1, c2, c3, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+    word = idx & 3
+    return tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+
+
+@triton.jit
 def uint_to_uniform(x):
     s = x.to(tl.int32, bitcast=True)
     s = tl.where(s < 0, -s - 1, s)
@@ -53,6 +68,12 @@ def uint_to_uniform(x):
 def philox_uniform(seed_lo, seed_hi, index, stream, purpose):
     """Uniform in [0, 1 - 2^-24] for each int64 ``index``: pyfuse's counter (index, stream, purpose)."""
     return uint_to_uniform(philox_randint(seed_lo, seed_hi, index, stream, purpose))
+
+
+@triton.jit
+def philox_packed_uniform(seed_lo, seed_hi, index, stream, purpose):
+    """philox_uniform in the packed layout (philox_packed_randint)."""
+    return uint_to_uniform(philox_packed_randint(seed_lo, seed_hi, index, stream, purpose))
 
 
 @triton.jit

@@ -251,6 +251,25 @@ def test_same_mask_as_reference_and_seed_sensitivity(backend, device):
     assert not torch.equal(a, c)
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_random_mask_is_packed_philox(backend, device):
+    """DARE keeps element j of model i iff the packed Philox uniform (word j % 4 of counter (j // 4, stream i,
+    purpose)) is below the density: checked against the numpy oracle, odd n so the last counter is partial."""
+    import numpy as np
+
+    from pyfuse.merge.op import PURPOSE
+    from pyfuse.reference.philox import packed_rand_np
+
+    n, density, seed = 1001, 0.3, 2**40 + 9
+    ones = torch.ones(n, device=device)
+    out = merge_tensors(None, [ones, 2 * ones], sparsify="random", density=density, seed=seed, backend=backend)
+    got = out.cpu().numpy().astype(np.int64)  # kept by model 0 adds 1, by model 1 adds 2
+    index = np.arange(n, dtype=np.uint64)
+    for i in range(2):
+        want = packed_rand_np(seed, index, i, PURPOSE["random"]) < np.float32(density)
+        assert np.array_equal((got >> i) & 1 == 1, want), i
+
+
 def kept_fraction_ok(kept: torch.Tensor, p: float) -> bool:
     """Binomial check: kept count within 5 standard deviations of n p (false alarm < 1e-6)."""
     n = kept.numel()

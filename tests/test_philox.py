@@ -7,6 +7,30 @@ import pyfuse
 from pyfuse.reference import philox as ref
 from helpers import BACKEND_DEVICES
 
+try:
+    import triton
+    import triton.language as tl
+
+    from pyfuse.kernels.philox import philox_packed_uniform
+except ImportError:  # triton is optional
+    triton = None
+
+if triton is not None:  # kernels of test_packed_layout_is_tl_rand4x (module level: the jit resolves globals)
+
+    @triton.jit
+    def tl_rand4x_kernel(out, seed, offset, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        u0, u1, u2, u3 = tl.rand4x(seed, offset + i)
+        tl.store(out + 4 * i, u0)
+        tl.store(out + 4 * i + 1, u1)
+        tl.store(out + 4 * i + 2, u2)
+        tl.store(out + 4 * i + 3, u3)
+
+    @triton.jit
+    def packed_uniform_kernel(out, seed_lo, seed_hi, first, stream, purpose, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(out + i, philox_packed_uniform(seed_lo, seed_hi, (first + i).to(tl.int64), stream, purpose))
+
 SEEDS = [0, 1, 42, 2**31 - 1, 2**31, 2**31 + 1, 2**32 - 1, 2**32, 2**32 + 5, 2**40 + 3, 2**63 - 1, 2**63,
          2**64 - 1, -1, -(2**31), -(2**31) - 1, -(2**63)]
 OFFSETS = [0, 5, 2**31 - 7, 2**32 - 3, 2**32 + 11, 2**62 + 1, 2**64 - 2]
@@ -41,20 +65,48 @@ def test_rand_bit_identical(backend, device, seed):
         assert np.array_equal(got.numpy(), expected), (seed, offset)
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["first_word", "packed"])
 @pytest.mark.parametrize("isa,name", [(1, "avx512"), (2, "avx2"), (3, "scalar")])
-def test_cpu_vector_paths_bit_identical(isa, name):
-    """Every CPU Philox path (AVX-512, AVX2, scalar; the widest one runs by default) equals numpy, including
-    partial vectors at the tail and counters whose low word wraps inside a vector."""
+def test_cpu_vector_paths_bit_identical(isa, name, packed):
+    """Every CPU Philox path (AVX-512, AVX2, scalar; the widest one runs by default) equals numpy in both
+    layouts, including partial vectors at the tail, counters whose low word wraps inside a vector, and (packed)
+    runs that start and end inside a counter's four words."""
     from pyfuse._ext import cpu_ext
 
+    oracle = ref.packed_rand_np if packed else ref.rand_np
     for seed in (0, 2**32 + 5, 2**64 - 1):
-        for offset in (0, 2**32 - 13, 2**64 - 7):
-            for n in (1, 31, 33, 1000):
+        for offset in (0, 2, 2**32 - 13, 2**34 - 3, 2**63 - 1001, 2**64 - 7):
+            for n in (1, 3, 31, 33, 1000):
+                if packed and offset + n > 2**64:
+                    continue  # packed runs never wrap past element 2^64 - 1 (merge indices are < 2^63)
                 out = torch.full((n,), -1.0)
-                if not cpu_ext().rand_uniform(out.data_ptr(), n, seed % 2**64, offset, 5, isa):
+                if not cpu_ext().rand_uniform(out.data_ptr(), n, seed % 2**64, offset, 5, isa, packed):
                     pytest.skip(f"this CPU has no {name}")
                 index = np.arange(n, dtype=np.uint64) + np.uint64(offset)
-                assert np.array_equal(out.numpy(), ref.rand_np(seed, index, stream=5)), (name, seed, offset, n)
+                assert np.array_equal(out.numpy(), oracle(seed, index, stream=5)), (name, seed, offset, n)
+
+
+def test_packed_layout_is_tl_rand4x():
+    """The packed layout is tl.rand4x's four uniforms per counter in element order, in numpy, the torch
+    reference and our Triton code (any stream and purpose), and differs from the first-word layout."""
+    if triton is None:
+        pytest.skip("triton not installed")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for seed in (0, 1, 2**31 - 1):
+        for block in (0, 2**29 - 7):
+            out = torch.empty(4 * 32, device=device)
+            tl_rand4x_kernel[(1,)](out, seed, block, BLOCK=32)
+            index = np.arange(4 * block, 4 * block + 128, dtype=np.uint64)
+            assert np.array_equal(out.cpu().numpy(), ref.packed_rand_np(seed, index)), (seed, block)
+    for seed in (5, 2**64 - 1):
+        for first in (0, 3, 2**33 + 1):
+            index = torch.arange(first, first + 64, dtype=torch.int64)
+            expected = ref.packed_rand_np(seed, index.numpy().astype(np.uint64), 7, 2)
+            assert np.array_equal(ref.packed_rand_torch(seed, index, 7, 2).numpy(), expected)
+            out = torch.empty(64, device=device)
+            packed_uniform_kernel[(1,)](out, seed & 0xFFFFFFFF, seed >> 32, first, 7, 2, BLOCK=64)
+            assert np.array_equal(out.cpu().numpy(), expected), (seed, first)
+            assert not np.array_equal(expected, ref.rand_np(seed, index.numpy().astype(np.uint64), 7, 2))
 
 
 def test_rand_equals_triton_tl_rand():

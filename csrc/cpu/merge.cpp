@@ -5,8 +5,8 @@
 // cpu/select.h's full histogram select when the band misses), then the L1 sums of d_i and of its masked
 // version for rescale="l1" (which records the random keep decisions as bits). Fused pass: each thread
 // takes a segment (a tile, or one row for della), recomputes every delta and mask (random ones with
-// cpu/philox_lanes.h's vector Philox, or replayed from the recorded bits) into a K x segment scratch, elects
-// the sign, combines and writes the output once. Extra memory: per thread K x segment floats (+ della's row
+// cpu/philox_lanes.h's vector Philox in the packed layout, or replayed from the recorded bits) into a K x
+// segment scratch, elects the sign, combines and writes the output once. Extra memory: per thread K x segment floats (+ della's row
 // sort), the band candidates (about 1% of n, at most 1/20 of the input's bytes), and the keep bits (1/32 of
 // a float32 input per model); no K x n float buffers. Results do not depend on the thread count: per-element
 // math only, L1 partial sums in fixed segments.
@@ -115,7 +115,7 @@ PYFUSE_INLINE void keep_random_segment(const Config& c, uint32_t mi, int64_t sta
   if (bits != nullptr && kb.replay) return replay_bits(bits, len, masked);
   for (int64_t j0 = 0; j0 < len; j0 += kRun) {
     const int64_t cnt = std::min(kRun, len - j0);
-    philox_uniforms(c.seed, static_cast<uint64_t>(start + j0), mi, c.purpose, u, cnt);
+    philox_uniforms(c.seed, static_cast<uint64_t>(start + j0), mi, c.purpose, u, cnt, kPhiloxPacked);
     for (int64_t l = 0; l < cnt; ++l) keep[l] = static_cast<uint8_t>(u[l] < p(j0 + l));
     if (bits != nullptr) {
       const int64_t words = (cnt + 63) / 64;

@@ -11,6 +11,8 @@
 #include <immintrin.h>
 #include <string.h>
 
+#include <algorithm>
+
 #include "pyfuse/philox.h"
 
 namespace pyfuse {
@@ -23,6 +25,15 @@ constexpr float kToUnit = 0x1.fffffep-32f;  // tl.rand's scale (see philox::uint
 
 void uniforms_scalar(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u, int64_t count) {
   for (int64_t l = 0; l < count; ++l) u[l] = philox::uniform(seed, first + static_cast<uint64_t>(l), stream, purpose);
+}
+
+// Packed layout (philox::packed_uniform): element e takes word e % 4 of counter e / 4.
+void packed_scalar(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u, int64_t count) {
+  for (int64_t l = 0; l < count;) {
+    const uint64_t e = first + static_cast<uint64_t>(l);
+    const philox::U32x4 w = philox::randint4x(seed, e >> 2, stream, purpose);
+    for (uint64_t word = e & 3; word < 4 && l < count; ++word) u[l++] = philox::uint_to_uniform(w.v[word]);
+  }
 }
 
 // Counter words live in the low half of each 64-bit lane; high halves carry garbage that nothing reads.
@@ -54,6 +65,30 @@ void step(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, floa
     const __m256i bits = _mm512_cvtepi64_epi32(w0[v]);                    // low halves
     const __m256i s = _mm256_xor_si256(bits, _mm256_srai_epi32(bits, 31));  // s < 0 ? ~s : s
     _mm256_storeu_ps(u + 8 * v, _mm256_mul_ps(_mm256_cvtepi32_ps(s), scale));
+  }
+}
+
+// Packed layout: kVec x 8 counters from first / 4 (first a multiple of 4), 4 uniforms each, in element order.
+constexpr int kPackedStep = 4 * kStep;
+
+inline void store_uniforms16(float* u, __m512i bits) {
+  const __m512i s = _mm512_xor_si512(bits, _mm512_srai_epi32(bits, 31));  // s < 0 ? ~s : s
+  _mm512_storeu_ps(u, _mm512_mul_ps(_mm512_cvtepi32_ps(s), _mm512_set1_ps(kToUnit)));
+}
+
+void packed_step(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u) {
+  __m512i w[4][kVec];
+  philox_words4<kVec>(seed, first >> 2, stream, purpose, w);
+  // Per counter q (a 64-bit lane): a_q = (word 0, word 1), b_q = (word 2, word 3) as 32-bit pairs; then the
+  // lanes interleave as a_0 b_0 a_1 b_1 ... (unpack within 128-bit quarters, then one two-source permute each).
+  const __m512i first_half = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i second_half = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int v = 0; v < kVec; ++v) {
+    const __m512i a = _mm512_mask_blend_epi32(0xAAAA, w[0][v], _mm512_slli_epi64(w[1][v], 32));
+    const __m512i b = _mm512_mask_blend_epi32(0xAAAA, w[2][v], _mm512_slli_epi64(w[3][v], 32));
+    const __m512i even = _mm512_unpacklo_epi64(a, b), odd = _mm512_unpackhi_epi64(a, b);
+    store_uniforms16(u + 32 * v, _mm512_permutex2var_epi64(even, first_half, odd));
+    store_uniforms16(u + 32 * v + 16, _mm512_permutex2var_epi64(even, second_half, odd));
   }
 }
 
@@ -92,6 +127,24 @@ void step(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, floa
   }
 }
 
+constexpr int kPackedStep = 4 * kStep;
+
+void packed_step(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u) {
+  __m256i w[4][kVec];
+  philox_words4<kVec>(seed, first >> 2, stream, purpose, w);
+  alignas(32) uint32_t bits[4][8 * kVec];
+  for (int word = 0; word < 4; ++word) {
+    for (int v = 0; v < kVec; ++v) _mm256_store_si256(reinterpret_cast<__m256i*>(bits[word]) + v, w[word][v]);
+  }
+  for (int q = 0; q < 4 * kVec; ++q) {  // counter q: low half of 64-bit lane q
+    for (int word = 0; word < 4; ++word) {
+      int32_t s = static_cast<int32_t>(bits[word][2 * q]);
+      s ^= s >> 31;
+      u[4 * q + word] = static_cast<float>(s) * kToUnit;
+    }
+  }
+}
+
 }  // namespace avx2
 #pragma GCC pop_options
 
@@ -117,10 +170,19 @@ void uniforms_avx2(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purp
 
 using UniformsFn = void (*)(uint64_t, uint64_t, uint32_t, uint32_t, float*, int64_t);
 
-UniformsFn path(PhiloxIsa isa) {
-  if (isa == kPhiloxAvx512) return uniforms_avx512;
-  if (isa == kPhiloxAvx2) return uniforms_avx2;
-  return uniforms_scalar;
+// The packed layout from any first element: a head up to the next multiple of 4 (scalar), then whole steps.
+template <int kStep, void (*kStepFn)(uint64_t, uint64_t, uint32_t, uint32_t, float*)>
+void packed_steps(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u, int64_t count) {
+  const int64_t head = std::min<int64_t>(count, static_cast<int64_t>((4 - (first & 3)) & 3));
+  packed_scalar(seed, first, stream, purpose, u, head);  // packed_scalar works from any first
+  run_steps<kStep, kStepFn>(seed, first + static_cast<uint64_t>(head), stream, purpose, u + head, count - head);
+}
+
+UniformsFn path(PhiloxIsa isa, PhiloxLayout layout) {
+  const bool packed = layout == kPhiloxPacked;
+  if (isa == kPhiloxAvx512) return packed ? packed_steps<avx512::kPackedStep, avx512::packed_step> : uniforms_avx512;
+  if (isa == kPhiloxAvx2) return packed ? packed_steps<avx2::kPackedStep, avx2::packed_step> : uniforms_avx2;
+  return packed ? packed_scalar : uniforms_scalar;
 }
 
 }  // namespace
@@ -132,17 +194,19 @@ bool philox_isa_usable(PhiloxIsa isa) {
   return isa == kPhiloxAuto || isa == kPhiloxScalar;
 }
 
-void philox_uniforms(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u, int64_t count) {
-  static const UniformsFn fn = path(philox_isa_usable(kPhiloxAvx512) ? kPhiloxAvx512
-                                    : philox_isa_usable(kPhiloxAvx2) ? kPhiloxAvx2
-                                                                     : kPhiloxScalar);
-  fn(seed, first, stream, purpose, u, count);
+void philox_uniforms(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u, int64_t count,
+                     PhiloxLayout layout) {
+  philox_uniforms_isa(kPhiloxAuto, seed, first, stream, purpose, u, count, layout);
 }
 
 void philox_uniforms_isa(PhiloxIsa isa, uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, float* u,
-                         int64_t count) {
-  if (isa == kPhiloxAuto) return philox_uniforms(seed, first, stream, purpose, u, count);
-  path(isa)(seed, first, stream, purpose, u, count);
+                         int64_t count, PhiloxLayout layout) {
+  static const PhiloxIsa widest = philox_isa_usable(kPhiloxAvx512) ? kPhiloxAvx512
+                                  : philox_isa_usable(kPhiloxAvx2) ? kPhiloxAvx2
+                                                                   : kPhiloxScalar;
+  static const UniformsFn first_word = path(widest, kPhiloxFirstWord), packed = path(widest, kPhiloxPacked);
+  if (isa == kPhiloxAuto) return (layout == kPhiloxPacked ? packed : first_word)(seed, first, stream, purpose, u, count);
+  path(isa, layout)(seed, first, stream, purpose, u, count);
 }
 
 }  // namespace cpu

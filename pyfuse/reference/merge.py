@@ -14,14 +14,14 @@ Per model i (all arithmetic float32, models in index order):
 
 Q: "agree_weight" sum_i a_i w_i (0 -> 1), "agree_count" max(sum_i a_i, 1), "all_weight" sum_i w_i
 (|Q| < 1e-8 -> 1), "none" 1. Selection ties go to the lowest flat index (``argsort(stable=True)``);
-NaN magnitudes count as the largest. Random numbers: Philox uniform u(seed, element index, stream=i,
-purpose) and an element is kept iff u < p. The per-model parameters come from ``pyfuse.merge.op.plan``.
+NaN magnitudes count as the largest. Random numbers: the packed Philox uniform u of element j (word j % 4 of
+counter (j // 4, stream=i, purpose)) and an element is kept iff u < p. The per-model parameters come from ``pyfuse.merge.op.plan``.
 """
 from __future__ import annotations
 
 import torch
 
-from pyfuse.reference.philox import rand_torch
+from pyfuse.reference.philox import packed_rand_torch
 
 
 def top_mask(d: torch.Tensor, k: int) -> torch.Tensor:
@@ -52,7 +52,7 @@ def keep_mask(d: torch.Tensor, i: int, sparsify: str, p: dict, seed: int) -> tor
     if sparsify in ("magnitude", "breadcrumbs"):
         return top_mask(d, p["k_keep"][i]) & ~top_mask(d, p["k_drop"][i])
     index = torch.arange(n, dtype=torch.int64, device=d.device)
-    u = rand_torch(seed, index, i, p["purpose"])
+    u = packed_rand_torch(seed, index, i, p["purpose"])
     if sparsify == "random":
         prob = torch.full((n,), p["p_keep"][i], dtype=torch.float32, device=d.device)
     else:

@@ -1,6 +1,8 @@
 """Philox4x32-10 as in Triton's ``tl.randint4x`` / ``tl.rand``, in torch (reference backend) and numpy
 (independent oracle for the tests). Key = seed mod 2**64 split (lo, hi); counter = (index lo, index hi,
-stream, purpose). See csrc/include/pyfuse/philox.h for the C++/CUDA version."""
+stream, purpose). Two layouts of a stream: element i takes word 0 of counter i (``rand_*``, tl.rand), or word
+i % 4 of counter i // 4 (``packed_rand_*``, tl.rand4x; the merge masks). See csrc/include/pyfuse/philox.h for
+the C++/CUDA version."""
 from __future__ import annotations
 
 import numpy as np
@@ -41,6 +43,15 @@ def rand_np(seed: int, index, stream: int = 0, purpose: int = 0) -> np.ndarray:
     return uint_to_uniform_np(words[0])
 
 
+def packed_rand_np(seed: int, index, stream: int = 0, purpose: int = 0) -> np.ndarray:
+    """Packed layout: element i is word i % 4 of counter i // 4."""
+    seed %= 1 << 64
+    index = np.asarray(index, dtype=np.uint64)
+    block = index >> np.uint64(2)
+    words = philox_np(block & np.uint64(MASK32), block >> np.uint64(32), stream, purpose, seed & MASK32, seed >> 32)
+    return uint_to_uniform_np(np.choose((index & np.uint64(3)).astype(np.int64), words))
+
+
 def philox_torch(c0, c1, c2, c3, k0: int, k1: int, rounds: int = 10):
     """Philox on int64 tensors holding uint32 values. int64 products wrap mod 2**64, so the low 64
     bits of a 32x32 product are exact and the high word is (p >> 32) & MASK32."""
@@ -70,6 +81,18 @@ def rand_torch(seed: int, index: torch.Tensor, stream=0, purpose=0) -> torch.Ten
     purpose = torch.as_tensor(purpose, dtype=torch.int64, device=index.device)
     words = philox_torch(lo, hi, stream.expand_as(lo), purpose.expand_as(lo), seed & MASK32, seed >> 32)
     return uint_to_uniform_torch(words[0])
+
+
+def packed_rand_torch(seed: int, index: torch.Tensor, stream=0, purpose=0) -> torch.Tensor:
+    """rand_torch in the packed layout: element i is word i % 4 of counter (i // 4, stream, purpose)."""
+    seed %= 1 << 64
+    index = index.to(torch.int64)
+    block = index >> 2  # index >= 0
+    lo, hi = block & MASK32, (block >> 32) & MASK32
+    stream = torch.as_tensor(stream, dtype=torch.int64, device=index.device)
+    purpose = torch.as_tensor(purpose, dtype=torch.int64, device=index.device)
+    words = torch.stack(philox_torch(lo, hi, stream.expand_as(lo), purpose.expand_as(lo), seed & MASK32, seed >> 32))
+    return uint_to_uniform_torch(words.gather(0, (index & 3).unsqueeze(0)).squeeze(0))
 
 
 def rand(numel: int, seed: int, offset: int = 0, stream: int = 0, device=None) -> torch.Tensor:

@@ -87,9 +87,10 @@ PYFUSE_HD float della_prob(const Model& m, int64_t rank, int64_t ncols) {
   return add_rn(m.p_keep, mul_rn(t, m.p_span));
 }
 
-// Random keep: the Philox uniform of counter (i, stream = model index, purpose) is below p.
+// Random keep: the packed Philox uniform of element i (word i % 4 of counter (i / 4, stream = model index,
+// purpose)) is below p.
 PYFUSE_HD uint32_t keep_random(uint64_t seed, int64_t i, uint32_t model, uint32_t purpose, float p) {
-  return static_cast<uint32_t>(philox::uniform(seed, static_cast<uint64_t>(i), model, purpose) < p);
+  return static_cast<uint32_t>(philox::packed_uniform(seed, static_cast<uint64_t>(i), model, purpose) < p);
 }
 
 // v where on == 1, +0 where on == 0 (bit-mask select).

@@ -1,6 +1,8 @@
 // Philox4x32-10, bit-identical to Triton's tl.randint4x / tl.rand (see docs/developing.md and
 // the Philox notes): key = seed as uint64 split (lo, hi); counter = (c0, c1, c2, c3).
-// pyfuse's convention: c0/c1 = element index lo/hi, c2 = stream, c3 = purpose.
+// pyfuse's convention: c0/c1 = element index lo/hi, c2 = stream, c3 = purpose. Two layouts of a stream:
+// `uniform` (tl.rand: element i takes word 0 of counter i) and `packed_uniform` (tl.rand4x: element i takes
+// word i % 4 of counter i / 4, a quarter of the rounds; the merge masks use it).
 #pragma once
 
 #include "pyfuse/common.h"
@@ -59,6 +61,10 @@ PYFUSE_HD float uint_to_uniform(uint32_t x) {
 
 PYFUSE_HD float uniform(uint64_t seed, uint64_t index, uint32_t stream, uint32_t purpose) {
   return uint_to_uniform(randint4x(seed, index, stream, purpose).v[0]);
+}
+
+PYFUSE_HD float packed_uniform(uint64_t seed, uint64_t index, uint32_t stream, uint32_t purpose) {
+  return uint_to_uniform(randint4x(seed, index >> 2, stream, purpose).v[index & 3]);
 }
 
 }  // namespace philox
