@@ -89,6 +89,14 @@ void stable_ranks(Scratch& s, int64_t len) {
   for (int64_t p = 0; p < len; ++p) s.rank[s.order[p]] = static_cast<uint32_t>(p);
 }
 
+// DELLA: the ascending ranks of |d[j]| in a row of len (ties to the lower index), in s.rank.
+inline const uint32_t* row_ranks(const float* d, int64_t len, Scratch& s) {
+  s.keys.resize(len);
+  for (int64_t j = 0; j < len; ++j) s.keys[j] = merge::magnitude_key(d[j]);
+  stable_ranks(s, len);
+  return s.rank.data();
+}
+
 // masked[j] = select(masked[j], bit j of bits) for j < len, 32 bits at a time (a variable shift per lane).
 PYFUSE_INLINE void replay_bits(const uint64_t* bits, int64_t len, float* masked) {
   for (int64_t h = 0; h < len; h += 32) {
@@ -102,26 +110,35 @@ PYFUSE_INLINE void replay_bits(const uint64_t* bits, int64_t len, float* masked)
   }
 }
 
+constexpr int64_t kRun = 512;  // uniforms per philox_uniforms call: stays in L1, call cost amortised
+static_assert(kRun % 64 == 0, "runs start on a bit word");
+
+// keep[l] = (u_l < p(j0 + l)) for the packed Philox uniforms u_l of elements start + j0 + l, l < cnt; recorded
+// into `bits` (this model's words of the segment, or null) as bits j0 + l.
+template <class ProbFn>
+PYFUSE_INLINE void keep_run(const Config& c, uint32_t mi, int64_t start, int64_t j0, int64_t cnt, ProbFn p,
+                            uint64_t* bits, uint8_t* keep) {
+  alignas(64) float u[kRun];
+  philox_uniforms(c.seed, static_cast<uint64_t>(start + j0), mi, c.purpose, u, cnt, kPhiloxPacked);
+  for (int64_t l = 0; l < cnt; ++l) keep[l] = static_cast<uint8_t>(u[l] < p(j0 + l));
+  if (bits != nullptr) {
+    const int64_t words = (cnt + 63) / 64;
+    std::fill(keep + cnt, keep + words * 64, uint8_t(0));
+    for (int64_t w = 0; w < words; ++w) bits[j0 / 64 + w] = select::pack_flags(keep + 64 * w);
+  }
+}
+
 // masked[j] = select(masked[j], u_j < p(j)) for the Philox uniform u_j of element start + j (merge::keep_random),
 // or the decisions recorded in `bits` (see KeepBits).
 template <class ProbFn>
 PYFUSE_INLINE void keep_random_segment(const Config& c, uint32_t mi, int64_t start, int64_t len, ProbFn p,
                                        const KeepBits& kb, float* masked) {
-  constexpr int64_t kRun = 512;  // uniforms per philox_uniforms call: stays in L1, call cost amortised
-  static_assert(kRun % 64 == 0, "runs start on a bit word");
-  alignas(64) float u[kRun];
   alignas(64) uint8_t keep[kRun];
   uint64_t* bits = kb.words == nullptr ? nullptr : kb.words + mi * kb.per_model;
   if (bits != nullptr && kb.replay) return replay_bits(bits, len, masked);
   for (int64_t j0 = 0; j0 < len; j0 += kRun) {
     const int64_t cnt = std::min(kRun, len - j0);
-    philox_uniforms(c.seed, static_cast<uint64_t>(start + j0), mi, c.purpose, u, cnt, kPhiloxPacked);
-    for (int64_t l = 0; l < cnt; ++l) keep[l] = static_cast<uint8_t>(u[l] < p(j0 + l));
-    if (bits != nullptr) {
-      const int64_t words = (cnt + 63) / 64;
-      std::fill(keep + cnt, keep + words * 64, uint8_t(0));
-      for (int64_t w = 0; w < words; ++w) bits[j0 / 64 + w] = select::pack_flags(keep + 64 * w);
-    }
+    keep_run(c, mi, start, j0, cnt, p, bits, keep);
     for (int64_t l = 0; l < cnt; ++l) masked[j0 + l] = merge::select(masked[j0 + l], keep[l]);
   }
 }
@@ -160,10 +177,7 @@ PYFUSE_INLINE void masked_segment(const Config& c, const void* x, const Model& m
     const float p = m.p_keep;
     keep_random_segment(c, mi, start, len, [p](int64_t) { return p; }, s.keep_bits, masked);
   } else if (c.sparsify == merge::kDella) {  // the segment is one row
-    s.keys.resize(len);
-    for (int64_t j = 0; j < len; ++j) s.keys[j] = merge::magnitude_key(masked[j]);
-    stable_ranks(s, len);
-    const uint32_t* rank = s.rank.data();
+    const uint32_t* rank = row_ranks(masked, len, s);
     keep_random_segment(
         c, mi, start, len, [&m, rank, len](int64_t j) { return merge::della_prob(m, rank[j], len); }, s.keep_bits,
         masked);
@@ -384,16 +398,69 @@ PYFUSE_INLINE void l1_lanes(const void* x, int64_t start, const float* bt, const
   }
 }
 
+// l1_lanes's sums (same lanes, same order) for a random mask, in one sweep per run of kRun elements: the keep
+// decisions (recorded into kb's bits), then |d| and |kept d| straight from x and the base tile; no masked array.
+template <int32_t kDtype, class ProbFn>
+PYFUSE_INLINE void l1_random_lanes(const Config& c, const void* x, uint32_t mi, int64_t start, int64_t len,
+                                   const float* bt, ProbFn p, const KeepBits& kb, double* before, double* after) {
+  static_assert(kRun % kLanes == 0, "runs start on lane 0");
+  alignas(64) uint8_t keep[kRun];
+  uint64_t* bits = kb.words == nullptr ? nullptr : kb.words + mi * kb.per_model;
+  Doubles8 b = {0}, a = {0};
+  for (int64_t j0 = 0; j0 < len; j0 += kRun) {
+    const int64_t cnt = std::min(kRun, len - j0);
+    keep_run(c, mi, start, j0, cnt, p, bits, keep);
+    int64_t l0 = 0;
+    for (; l0 + kLanes <= cnt; l0 += kLanes) {
+      Floats8 d;
+      Words8 on;
+      for (int l = 0; l < kLanes; ++l) {
+        d[l] = load<kDtype>(x, start + j0 + l0 + l) - bt[j0 + l0 + l];
+        on[l] = 0u - keep[l0 + l];
+      }
+      Words8 w;
+      memcpy(&w, &d, sizeof(w));
+      w &= on;
+      Floats8 kept;
+      memcpy(&kept, &w, sizeof(kept));
+      add_abs(b, d);
+      add_abs(a, kept);
+    }
+    for (int l = 0; l0 + l < cnt; ++l) {  // the segment's last elements: lane l, as in l1_lanes
+      const float d = load<kDtype>(x, start + j0 + l0 + l) - bt[j0 + l0 + l];
+      b[l] += static_cast<double>(std::fabs(d));
+      a[l] += static_cast<double>(std::fabs(merge::select(d, keep[l0 + l])));
+    }
+  }
+  for (int l = 0; l < kLanes; ++l) {
+    before[l] = b[l];
+    after[l] = a[l];
+  }
+}
+
 // L1 statistics of one segment: lanes of sum |d| and sum |m| per model, sums[model][2][kLanes].
 template <int32_t kDtype>
 PYFUSE_INLINE void l1_body(const Config& c, const void* const* x, const Model* models, int64_t start, int64_t len,
                            Scratch& s, double* sums) {
   load_base<kDtype>(c, start, len, s);
   float* mk = s.masked.data();
+  const float* bt = s.base.data();
   for (int32_t i = 0; i < c.k; ++i) {
     double before[kLanes] = {0}, after[kLanes] = {0};
-    masked_segment<kDtype>(c, x[i], models[i], i, start, len, s, mk);
-    l1_lanes<kDtype>(x[i], start, s.base.data(), mk, len, before, after);
+    const Model& m = models[i];
+    if (!m.keep_all && c.sparsify == merge::kRandom) {
+      const float p = m.p_keep;
+      l1_random_lanes<kDtype>(c, x[i], i, start, len, bt, [p](int64_t) { return p; }, s.keep_bits, before, after);
+    } else if (!m.keep_all && c.sparsify == merge::kDella) {  // the segment is one row
+      for (int64_t j = 0; j < len; ++j) mk[j] = load<kDtype>(x[i], start + j) - bt[j];
+      const uint32_t* rank = row_ranks(mk, len, s);
+      l1_random_lanes<kDtype>(
+          c, x[i], i, start, len, bt, [&m, rank, len](int64_t j) { return merge::della_prob(m, rank[j], len); },
+          s.keep_bits, before, after);
+    } else {
+      masked_segment<kDtype>(c, x[i], m, i, start, len, s, mk);
+      l1_lanes<kDtype>(x[i], start, bt, mk, len, before, after);
+    }
     for (int l = 0; l < kLanes; ++l) {
       sums[(i * 2) * kLanes + l] = before[l];
       sums[(i * 2 + 1) * kLanes + l] = after[l];
