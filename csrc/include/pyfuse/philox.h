@@ -64,7 +64,11 @@ PYFUSE_HD float uniform(uint64_t seed, uint64_t index, uint32_t stream, uint32_t
 }
 
 PYFUSE_HD float packed_uniform(uint64_t seed, uint64_t index, uint32_t stream, uint32_t purpose) {
-  return uint_to_uniform(randint4x(seed, index >> 2, stream, purpose).v[index & 3]);
+  const U32x4 w = randint4x(seed, index >> 2, stream, purpose);
+  // Two levels of selects, not w.v[index & 3]: a dynamic index puts w in CUDA local memory.
+  const bool odd = (index & 1) != 0;
+  const uint32_t low = odd ? w.v[1] : w.v[0], high = odd ? w.v[3] : w.v[2];
+  return uint_to_uniform((index & 2) != 0 ? high : low);
 }
 
 }  // namespace philox
