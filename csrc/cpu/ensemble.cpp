@@ -177,6 +177,28 @@ struct Extra {
   int32_t u, v;
 };
 
+// Model m's exponentials of union ids [u0, u0 + n) (the sum over its ids) into E[n], from its row e.
+void tile_exps(const Args& a, int m, const float* e, int64_t u0, int64_t n, float* E) {
+  gather(e, a.first_ids[m] + u0, n, E);
+  // Many-to-one union ids: the other model ids, as (union id, model id) pairs in ascending order.
+  const Extra* extra = reinterpret_cast<const Extra*>(a.multi[m]);
+  const Extra* end = extra + a.num_multi[m];
+  for (const Extra* p = std::lower_bound(extra, end, u0, [](const Extra& q, int64_t u) { return q.u < u; });
+       p < end && p->u < u0 + n; ++p) {
+    E[p->u - u0] = E[p->u - u0] + e[p->v];
+  }
+}
+
+// Mode "prob" + absent "zero": the key is the weighted sum itself; model m's term of it added into key[n]
+// (zeroed first for model 0), the same operations as tile_keys.
+void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const float* e, int64_t u0, int64_t n,
+                    float* key) {
+  float E[kTile];
+  if (m == 0) std::fill(key, key + n, 0.0f);
+  tile_exps(a, m, e, u0, n, E);
+  add_prob(key, E, n, a.weights[b * a.num_models + m], st.inv_s[m]);
+}
+
 // key(u) of batch row b for union ids [u0, u0 + n), n <= kTile, into key[n], from the row's exponentials
 // e[m] [V_m].
 void tile_keys(const Args& a, int64_t b, const RowStats& st, float* const* e, int64_t u0, int64_t n, float* key) {
@@ -193,14 +215,7 @@ void tile_keys(const Args& a, int64_t b, const RowStats& st, float* const* e, in
   std::fill(acc, acc + n, 0.0f);
   std::fill(used, used + n, uint8_t{0});
   for (int m = 0; m < M; ++m) {
-    gather(e[m], a.first_ids[m] + u0, n, E);
-    // Many-to-one union ids: the other model ids, as (union id, model id) pairs in ascending order.
-    const Extra* extra = reinterpret_cast<const Extra*>(a.multi[m]);
-    const Extra* end = extra + a.num_multi[m];
-    for (const Extra* p = std::lower_bound(extra, end, u0, [](const Extra& q, int64_t u) { return q.u < u; });
-         p < end && p->u < u0 + n; ++p) {
-      E[p->u - u0] = E[p->u - u0] + e[m][p->v];
-    }
+    tile_exps(a, m, e[m], u0, n, E);
     if (!a.logprob) {
       add_prob(acc, E, n, w[m], st.inv_s[m]);
     } else if (w[m] > 0.0f) {
@@ -482,6 +497,18 @@ struct Work {
   // in rk.
   void key_phases(std::vector<Phase>& out, float* keys, bool per_slot, bool scores) {
     const int64_t U = a.union_size, T = grid.tiles;
+    if (!scores && !a.logprob && !a.renormalize) {
+      // Plain weighted sums: one model at a time over the row's tiles, so that only that model's exponentials
+      // are gathered from (a smaller random-access set than all models' at once).
+      for (int m = 0; m < a.num_models; ++m) {
+        out.push_back({T, [this, keys, per_slot, U, T, m](int64_t i) {
+                         const int64_t b = i / T, u0 = (i % T) * kTile, n = std::min(kTile, U - u0);
+                         tile_add_model(a, b, row_stats(b), m, exps_of(b, m), u0, n,
+                                        keys + (per_slot ? slot(b) : b) * U + u0);
+                       }});
+      }
+      return;
+    }
     out.push_back({T, [this, keys, per_slot, scores, U, T](int64_t i) {
                      const int64_t b = i / T, u0 = (i % T) * kTile, n = std::min(kTile, U - u0);
                      float* key = keys + (per_slot ? slot(b) : b) * U + u0;
