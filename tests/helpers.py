@@ -54,13 +54,14 @@ def binomial_ok(kept: int, n: int, p: float, z: float = 5.0) -> bool:
 
 
 @contextlib.contextmanager
-def cpu_band_path(avx512: bool):
-    """Runs the block with the CPU's AVX-512 band paths (magnitude_prune, merge thresholds) on or off, so
-    that an AVX-512 machine tests the portable paths too. Yields whether AVX-512 really runs."""
+def cpu_avx512_paths(avx512: bool):
+    """Runs the block with the CPU's AVX-512 intrinsic paths (magnitude_prune and merge band sweeps, ensemble
+    exponential sums) on or off, so that an AVX-512 machine tests the portable paths too. Yields whether
+    AVX-512 really runs."""
     from pyfuse._ext import cpu_ext
     ext = cpu_ext()
-    previous = ext.set_band_avx512(avx512)
+    previous = ext.set_avx512_paths(avx512)
     try:
-        yield avx512 and ext.band_avx512_usable()
+        yield avx512 and ext.avx512_paths_usable()
     finally:
-        ext.set_band_avx512(previous)
+        ext.set_avx512_paths(previous)

@@ -9,7 +9,7 @@ from pyfuse.ensemble import SimpleVocabMap, next_token, synthetic_map, union_pro
 from pyfuse.ensemble.maps import build_reverse_index, tables_for
 from pyfuse.ensemble.ops import MAX_TOPK, _check_weights, _pattern_coefficients
 from pyfuse.reference import ensemble as ref
-from helpers import BACKEND_DEVICES, KERNEL_BACKEND_DEVICES
+from helpers import BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES, cpu_avx512_paths
 
 MODES = [("prob", "zero"), ("prob", "renormalize"), ("logprob", "zero"), ("logprob", "renormalize")]
 
@@ -148,6 +148,25 @@ def test_backends_bit_identical_wide(backend, device, mode, absent, dtype):
     logits = make_logits(vmap, 1, dtype, device, seed=5)
     weights = torch.tensor([0.4, 0.6], device=device)
     assert_bit_identical(logits, vmap, weights, [1.0, 0.8], mode, absent, backend, 8)
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cpu_avx512_paths_bit_identical(dtype, avx512):
+    """The CPU's intrinsic paths (exponential sums, gathers) and its portable ones both give the reference's
+    bits: vocabularies that are not a multiple of 16 (tails), logits far below the max (exp_det's z < -87),
+    -inf logits, and a tie at the max."""
+    vmap = synthetic_map((1000, 777), overlap=0.6, many_to_one=0.05, padding=3, seed=3)
+    logits = make_logits(vmap, 3, dtype, "cpu", seed=9)
+    logits[0][:, 10:40] = -1e4
+    logits[1][0, 5] = float("-inf")
+    logits[1][1, 7] = logits[1][1, 9] = logits[1][1].max()
+    weights = torch.tensor([0.3, 0.7])
+    with cpu_avx512_paths(avx512) as used:
+        if avx512 and not used:
+            pytest.skip("this CPU has no AVX-512")
+        for mode, absent in MODES:
+            assert_bit_identical(logits, vmap, weights, [1.0, 0.7], mode, absent, "cpu", 4)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKEND_DEVICES if p.values[0] != "triton"])

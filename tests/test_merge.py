@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from helpers import BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES, assert_close, cpu_band_path
+from helpers import BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES, assert_close, cpu_avx512_paths
 from pyfuse.merge import merge_tensors
 from pyfuse.merge.op import CONSENSUS, NORMALIZE, RESCALE, SPARSIFY
 
@@ -183,7 +183,7 @@ def test_large_top_k_band_and_fallbacks(backend, device):
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_cpu_band_paths(dtype, avx512):
+def test_cpu_avx512_pathss(dtype, avx512):
     """The CPU threshold sweep collects band candidates with AVX-512 (compress-stores, vector float16 /
     bfloat16 conversions) or with portable flag scans: both must give the reference's top-k sets, for
     magnitude (one threshold per model) and breadcrumbs (two), with and without a base. Sorted deltas pack
@@ -200,7 +200,7 @@ def test_cpu_band_paths(dtype, avx512):
     smooth = torch.randn(n, generator=g).to(dtype)
     tuned = [(smooth.float() + 0.01 * torch.randn(n, generator=g)).to(dtype) for _ in range(3)]
     sets = [(base.to(dtype), [m.to(dtype) for m in models]), (None, [m.to(dtype) for m in models]), (smooth, tuned)]
-    with cpu_band_path(avx512) as used:
+    with cpu_avx512_paths(avx512) as used:
         if avx512 and not used:
             pytest.skip("this CPU has no AVX-512 F/BW/VL/DQ")
         for b, ms in sets:

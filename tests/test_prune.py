@@ -11,7 +11,7 @@ import torch
 import pyfuse
 from pyfuse.reference import philox as ref_philox
 from pyfuse.reference import prune as ref
-from helpers import BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES, binomial_ok, cpu_band_path
+from helpers import BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES, binomial_ok, cpu_avx512_paths
 
 DENSITIES = [0.0, 1.0, 1e-6, 0.2]
 INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
@@ -103,13 +103,13 @@ def test_magnitude_unrepresentative_sample(backend, device, density):
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_cpu_band_paths(dtype, avx512):
+def test_cpu_avx512_pathss(dtype, avx512):
     """The CPU write pass collects the band's candidates with AVX-512 compress-stores when the CPU has
     them, else with a portable flag scan: both must equal the reference. Sorted input packs every
     candidate into a few chunks (their buffers must grow); n = 1000003 leaves a tail of 3 elements."""
     gen = torch.Generator().manual_seed(8)
     n = 1_000_003
-    with cpu_band_path(avx512) as used:
+    with cpu_avx512_paths(avx512) as used:
         if avx512 and not used:
             pytest.skip("this CPU has no AVX-512 F/BW/VL/DQ")
         for x in (torch.randn(n, generator=gen).to(dtype), torch.randn(n, generator=gen).sort().values.to(dtype)):

@@ -2,6 +2,7 @@
 #include <omp.h>
 #include <sys/mman.h>
 
+#include "cpu/avx512_paths.h"
 #include "registry.h"
 
 PYBIND11_MODULE(_C, m) {
@@ -25,5 +26,11 @@ PYBIND11_MODULE(_C, m) {
         return madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) == 0;
       },
       "madvise(MADV_HUGEPAGE) on the 2 MiB-aligned part of [ptr, ptr + bytes); False when not applicable.");
+  m.def("set_avx512_paths", &pyfuse::cpu::set_avx512_paths, pybind11::arg("enabled"),
+        "Turn the kernels written with AVX-512 intrinsics (magnitude_prune and merge band sweeps, ensemble "
+        "exponential sums) on or off (off: the portable paths, for the tests); returns the previous setting. "
+        "No effect on a CPU without AVX-512.");
+  m.def("avx512_paths_usable", &pyfuse::cpu::avx512_paths_usable,
+        "Whether the AVX-512 paths run (the CPU has AVX-512 F/BW/VL/DQ and they are on).");
   for (auto bind : pyfuse::binders()) bind(m);
 }

@@ -6,8 +6,6 @@
 namespace pyfuse {
 namespace cpu {
 void magnitude_prune(const void* x, void* out, int64_t n, int32_t dtype, int64_t k);
-bool set_band_avx512(bool enabled);
-bool band_avx512_usable();
 void random_prune(const void* x, void* out, int64_t n, int32_t dtype, float density, bool rescale, uint64_t seed,
                   uint32_t purpose);
 }  // namespace cpu
@@ -20,11 +18,6 @@ PYFUSE_BINDINGS(prune) {
         pyfuse::cpu::magnitude_prune(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), n, dtype, k);
       },
       PYFUSE_NOGIL, "Keep the k entries of largest |x| (ties: lowest flat index); x may equal out.");
-  m.def("set_band_avx512", &pyfuse::cpu::set_band_avx512, pybind11::arg("enabled"),
-        "Turn the AVX-512 band paths of magnitude_prune and the merge thresholds on or off (off: the portable "
-        "paths, for the tests); returns the previous setting. No effect on a CPU without AVX-512.");
-  m.def("band_avx512_usable", &pyfuse::cpu::band_avx512_usable,
-        "Whether the AVX-512 band paths run (the CPU has AVX-512 F/BW/VL/DQ and they are on).");
   m.def(
       "random_prune",
       [](uintptr_t x, uintptr_t out, int64_t n, int32_t dtype, float density, bool rescale, uint64_t seed,

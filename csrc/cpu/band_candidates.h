@@ -42,18 +42,12 @@ inline std::vector<uint32_t> keys_in_order(const std::vector<BandCandidates>& ch
   return all;
 }
 
-// Whether the AVX-512 band paths run: the CPU has AVX-512 F, BW, VL and DQ, and the tests have not turned
-// them off (set_band_avx512, to check the portable paths against them on an AVX-512 machine).
-bool band_avx512_usable();
-// Turns the AVX-512 band paths on or off (off: the portable ones); returns the previous setting.
-bool set_band_avx512(bool enabled);
-
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 
 // 16 keys (< 2^31) at chunk offsets `offset`: appends those in [lo, hi) but the lanes in `skip` to c, returns
 // how many are >= hi. Call only from functions compiled for the same target, and only when
-// band_avx512_usable().
+// avx512_paths_usable() (cpu/avx512_paths.h).
 inline __attribute__((always_inline)) int collect_band16(__m512i key, __m512i offset, __m512i lo, __m512i hi,
                                                          BandCandidates& c, __mmask16 skip = 0) {
   const __mmask16 above = _mm512_cmpge_epu32_mask(key, hi);

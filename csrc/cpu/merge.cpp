@@ -15,6 +15,7 @@
 #include <cstring>
 #include <vector>
 
+#include "cpu/avx512_paths.h"
 #include "cpu/band_candidates.h"
 #include "cpu/clones.h"
 #include "cpu/philox_lanes.h"
@@ -631,7 +632,7 @@ void band_avx512(const void* x, const void* base, int64_t begin, int64_t len, in
 
 template <int32_t kDtype>
 BandFn band_step() {
-  if (band_avx512_usable()) return band_avx512<kDtype>;
+  if (avx512_paths_usable()) return band_avx512<kDtype>;
   if constexpr (kDtype == kFloat32) return band_portable<kDtype, band_f32>;
   if constexpr (kDtype == kFloat16) return band_portable<kDtype, band_f16>;
   return band_portable<kDtype, band_bf16>;

@@ -14,6 +14,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu/avx512_paths.h"
 #include "cpu/clones.h"
 #include "cpu/philox_lanes.h"
 #include "cpu/prune_band.h"
@@ -199,7 +200,7 @@ PYFUSE_CLONES void random_prune_bf16(const void* x, void* out, int64_t begin, in
 
 // Keeps the k entries of largest |x| (ties: lowest flat index), zeroes the rest. x may equal out.
 void magnitude_prune(const void* x, void* out, int64_t n, int32_t dtype, int64_t k) {
-  const bool avx512 = band_avx512_usable();
+  const bool avx512 = avx512_paths_usable();
   if (dtype == kFloat32) {
     MagnitudePrune<uint32_t, 31>{static_cast<const uint32_t*>(x), static_cast<uint32_t*>(out), n, k, avx512}.run();
   } else {

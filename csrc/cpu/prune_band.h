@@ -19,7 +19,7 @@ constexpr uint32_t abs_mask() {
 
 // out[i] = key(x[i]) >= lo ? x[i] : 0 for i < len; appends to c the candidates lo <= key < hi; returns how
 // many keys are >= hi. Bits is uint32_t (float32, key = bits & 0x7fffffff) or uint16_t (16-bit floats,
-// key = bits & 0x7fff). The AVX-512 path requires band_avx512_usable().
+// key = bits & 0x7fff). The AVX-512 path requires avx512_paths_usable().
 template <class Bits>
 int64_t keep_and_collect_avx512(const Bits* x, Bits* out, int64_t len, uint32_t lo, uint32_t hi, BandCandidates& c);
 template <class Bits>

@@ -1,5 +1,5 @@
-// The switch between the AVX-512 and portable band paths (band_candidates.h), shared by prune and merge.
-#include "cpu/band_candidates.h"
+// The switch between the hand-written AVX-512 paths and the portable ones (avx512_paths.h).
+#include "cpu/avx512_paths.h"
 
 #include <atomic>
 
@@ -17,9 +17,9 @@ std::atomic<bool> avx512_enabled{true};
 
 }  // namespace
 
-bool band_avx512_usable() { return avx512_enabled.load(std::memory_order_relaxed) && cpu_has_avx512(); }
+bool avx512_paths_usable() { return avx512_enabled.load(std::memory_order_relaxed) && cpu_has_avx512(); }
 
-bool set_band_avx512(bool enabled) { return avx512_enabled.exchange(enabled); }
+bool set_avx512_paths(bool enabled) { return avx512_enabled.exchange(enabled); }
 
 }  // namespace cpu
 }  // namespace pyfuse
