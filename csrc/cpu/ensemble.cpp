@@ -102,15 +102,7 @@ PYFUSE_PER_DTYPE(chunk_expsum_bf16, chunk_expsum_t, kBFloat16, PYFUSE_SUM_PARAMS
 // rounded p * 2^n). GCC compiles floor_small and the exponent-bit scale to eight instructions per vector, a
 // sixth of this compute-bound loop. The tail goes through exp_det itself.
 #pragma GCC push_options
-#pragma GCC target("avx512f,avx512dq")
-template <int DT>
-inline __m512 load16(const void* x, int64_t v) {
-  if constexpr (DT == kFloat32) return _mm512_loadu_ps(static_cast<const float*>(x) + v);
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(x) + v));
-  if constexpr (DT == kFloat16) return _mm512_cvtph_ps(h);  // exact, like fp16_to_float
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 template <int DT>
 int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx,
                             float* e) {

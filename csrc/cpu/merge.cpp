@@ -582,14 +582,6 @@ void band_portable(const void* x, const void* base, int64_t begin, int64_t len, 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 
-template <int32_t kDtype>
-inline __m512 load16(const void* p, int64_t i) {
-  if constexpr (kDtype == kFloat32) return _mm512_loadu_ps(static_cast<const float*>(p) + i);
-  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(static_cast<const uint16_t*>(p) + i));
-  if constexpr (kDtype == kFloat16) return _mm512_cvtph_ps(h);  // exact, like fp16_to_float
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 // band_portable's result with AVX-512 (band_candidates.h): the same keys (the same float subtraction), no key
 // or flag arrays.
 template <int32_t kDtype>
