@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from helpers import BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES, assert_close, cpu_avx512_paths
+from helpers import (BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES, assert_close, binomial_ok,
+                     cpu_avx512_paths)
 from pyfuse.merge import merge_tensors
 from pyfuse.merge.op import CONSENSUS, NORMALIZE, RESCALE, SPARSIFY
 
@@ -271,9 +272,8 @@ def test_random_mask_is_packed_philox(backend, device):
 
 
 def kept_fraction_ok(kept: torch.Tensor, p: float) -> bool:
-    """Binomial check: kept count within 5 standard deviations of n p (false alarm < 1e-6)."""
-    n = kept.numel()
-    return abs(kept.sum().item() - n * p) <= 5 * math.sqrt(n * p * (1 - p))
+    """Binomial check of a keep mask: its count within 5 standard deviations of n p (false alarm < 1e-6)."""
+    return binomial_ok(int(kept.sum().item()), kept.numel(), p)
 
 
 @pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKEND_DEVICES if p.values[0] != "triton"])
