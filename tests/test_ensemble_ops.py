@@ -169,6 +169,55 @@ def test_cpu_avx512_paths_bit_identical(dtype, avx512):
             assert_bit_identical(logits, vmap, weights, [1.0, 0.7], mode, absent, "cpu", 4)
 
 
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
+def test_cpu_greedy_candidates_recorded_or_screened(avx512):
+    """Greedy next_token's candidates: recorded by the AVX-512 exponential pass (ids within a bound of the max)
+    or screened from the row: the reference's ids and probabilities for 1 to 4 models, with logits so large that
+    recording is skipped (|max| >= 16384), flat rows (every id near the max), a near-tie between models, and
+    temperatures."""
+    vocab = (700, 513, 389, 64)
+    with cpu_avx512_paths(avx512) as used:
+        if avx512 and not used:
+            pytest.skip("this CPU has no AVX-512")
+        for M in (1, 2, 3, 4):
+            vmap = synthetic_map(vocab[:M], overlap=0.6, many_to_one=0.05, padding=2, seed=M)
+            base = make_logits(vmap, 6, torch.float32, "cpu", seed=20 + M)
+            logits = [x.clone() for x in base]
+            logits[0][1] += 30000.0                   # |max| >= 16384: the row is screened
+            for x in logits:
+                x[2] = 0.5                            # flat: every valid id is near the max
+                x[3] = x[3] / 8                       # many ids within the bound
+            weights = torch.rand(6, M, generator=torch.Generator().manual_seed(M))
+            temps = [0.7 + 0.2 * m for m in range(M)]
+            for w in (weights, None):
+                got = next_token(logits, vmap, w, temperature=temps, backend="cpu")
+                want = next_token(logits, vmap, w, temperature=temps, backend="reference")
+                for g, e in zip(got, want):
+                    assert torch.equal(g, e), (M, avx512)
+
+
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
+def test_greedy_winner_below_every_top(backend, device):
+    """Four models, each with its own top token (e = 1) and a shared second token at e = 0.3 (within 1/M..1.36/M
+    of the max: near the greedy bound): the shared token wins (0.3 / S > 0.25 / S), although no model ranks it
+    first. Run on the CPU with its AVX-512 and portable candidate paths."""
+    from pyfuse.ensemble import VocabMap
+
+    filler = [b"f%d" % i for i in range(37)]
+    vmap = VocabMap.from_token_bytes([[b"top%d" % m, b"shared"] + filler for m in range(4)])
+    shared = int(vmap.to_union[0][1])
+    logits = []
+    for m in range(4):
+        x = torch.full((1, 39), -30.0)
+        x[0, 0], x[0, 1] = 0.0, math.log(0.3)
+        logits.append(x.to(device))
+    for avx512 in ((True, False) if backend == "cpu" else (True,)):
+        with cpu_avx512_paths(avx512):
+            got = next_token(logits, vmap, backend=backend)
+        assert got.union_ids.tolist() == [shared], avx512
+        assert got.model_ids.tolist() == [[1, 1, 1, 1]]
+
+
 @pytest.mark.parametrize("backend,device", [p for p in KERNEL_BACKEND_DEVICES if p.values[0] != "triton"])
 @pytest.mark.parametrize("mode,absent", MODES)
 def test_backends_bit_identical_batch64(backend, device, mode, absent):

@@ -101,11 +101,19 @@ PYFUSE_PER_DTYPE(chunk_expsum_bf16, chunk_expsum_t, kBFloat16, PYFUSE_SUM_PARAMS
 // (vrndscaleps; n is an integer below 2^23 in magnitude) and its p * 2^n one vscalefps (both are the correctly
 // rounded p * 2^n). GCC compiles floor_small and the exponent-bit scale to eight instructions per vector, a
 // sixth of this compute-bound loop. The tail goes through exp_det itself.
+// Where the exponential pass records the valid ids with z = y_v - mx >= z_min (ids, in id order; null: none).
+// greedy_prob_zero's candidates are a subset of them, so it filters this short list instead of the row.
+struct NearIds {
+  float z_min = 0.0f;
+  std::vector<int32_t>* ids = nullptr;
+};
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 template <int DT>
 int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx,
-                            float* e) {
+                            float* e, NearIds near) {
+  const __m512 near_v = _mm512_set1_ps(near.z_min);
   const __m512 t_v = _mm512_set1_ps(inv_t), mx_v = _mm512_set1_ps(mx), lo = _mm512_set1_ps(-87.0f);
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), half = _mm512_set1_ps(0.5f);
   const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
@@ -117,8 +125,13 @@ int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64
   int64_t v = v0;
   for (; v + 16 <= v1; v += 16) {
     __m512 z = _mm512_sub_ps(_mm512_mul_ps(load16<DT>(x, v), t_v), mx_v);
-    const __mmask16 ok = _mm512_cmp_ps_mask(z, lo, _CMP_GE_OQ) &
-                         _mm512_cmpge_epi32_mask(_mm512_loadu_si512(fwd + v), _mm512_setzero_si512());
+    const __mmask16 valid = _mm512_cmpge_epi32_mask(_mm512_loadu_si512(fwd + v), _mm512_setzero_si512());
+    const __mmask16 ok = _mm512_cmp_ps_mask(z, lo, _CMP_GE_OQ) & valid;
+    if (near.ids != nullptr) {  // rare hits: a few ids per row
+      for (uint32_t hit = _mm512_cmp_ps_mask(z, near_v, _CMP_GE_OQ) & valid; hit != 0; hit &= hit - 1) {
+        near.ids->push_back(static_cast<int32_t>(v + __builtin_ctz(hit)));
+      }
+    }
     z = _mm512_maskz_mov_ps(ok, z);  // exp_det's select(ok, z, 0): masked lanes are dropped at the end anyway
     const __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(z, log2e), half),
                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
@@ -140,7 +153,9 @@ int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64
   }
   int64_t s = _mm512_reduce_add_epi64(_mm512_add_epi64(s_lo, s_hi));
   for (; v < v1; ++v) {
-    const float ev = ensemble::select(fwd[v] >= 0, exp_det(load_float(x, DT, v) * inv_t - mx), 0.0f);
+    const float z = load_float(x, DT, v) * inv_t - mx;
+    const float ev = ensemble::select(fwd[v] >= 0, exp_det(z), 0.0f);
+    if (near.ids != nullptr && fwd[v] >= 0 && z >= near.z_min) near.ids->push_back(static_cast<int32_t>(v));
     if (e) e[v] = ev;
     s += fix(ev);
   }
@@ -152,12 +167,13 @@ void chunk_max(int32_t dt, const void* x, const int32_t* f, int64_t v0, int64_t 
   (dt == kFloat32 ? chunk_max_f32 : dt == kFloat16 ? chunk_max_f16 : chunk_max_bf16)(x, f, v0, v1, mx, at);
 }
 
+// near.ids is only filled on the AVX-512 path (callers check avx512_paths_usable()).
 int64_t chunk_expsum(int32_t dt, const void* x, const int32_t* f, int64_t v0, int64_t v1, float t, float mx,
-                     float* e) {
+                     float* e, NearIds near = {}) {
   if (avx512_paths_usable()) {
     return (dt == kFloat32   ? chunk_expsum_avx512<kFloat32>
             : dt == kFloat16 ? chunk_expsum_avx512<kFloat16>
-                             : chunk_expsum_avx512<kBFloat16>)(x, f, v0, v1, t, mx, e);
+                             : chunk_expsum_avx512<kBFloat16>)(x, f, v0, v1, t, mx, e, near);
   }
   return (dt == kFloat32 ? chunk_expsum_f32 : dt == kFloat16 ? chunk_expsum_f16 : chunk_expsum_bf16)(x, f, v0, v1,
                                                                                                      t, mx, e);
@@ -401,11 +417,22 @@ PYFUSE_CANDIDATES(candidates_bf16, kBFloat16)
 // ids of model m: their sum may pass) with an id at y_v >= thr_multi (<= thr). The second set comes from the
 // map's list of ids after the first (a few % of V), not from a second screen of the row: with thr_multi a
 // few units of y lower, that screen hit most blocks. A union id may be appended twice.
-void candidates_above(const Args& a, int m, int64_t b, float thr, float thr_multi, std::vector<int64_t>& out) {
+// near: the ids the exponential pass recorded for this row and model, per statistics chunk (a superset of the
+// first set; see greedy_prob_zero), or null to screen the row.
+void candidates_above(const Args& a, int m, int64_t b, float thr, float thr_multi, const std::vector<int32_t>* near,
+                      int64_t near_chunks, std::vector<int64_t>& out) {
   const void* x = row_ptr(a, m, b);
-  auto fn = a.dtype == kFloat32 ? candidates_f32 : a.dtype == kFloat16 ? candidates_f16 : candidates_bf16;
-  fn(x, a.to_union[m], a.vocab[m], a.inv_temp[m], thr, out);
   const float inv_t = a.inv_temp[m];
+  if (near == nullptr) {
+    auto fn = a.dtype == kFloat32 ? candidates_f32 : a.dtype == kFloat16 ? candidates_f16 : candidates_bf16;
+    fn(x, a.to_union[m], a.vocab[m], inv_t, thr, out);
+  } else {
+    for (int64_t c = 0; c < near_chunks; ++c) {
+      for (int32_t v : near[c]) {
+        if (load_float(x, a.dtype, v) * inv_t >= thr) out.push_back(a.to_union[m][v]);
+      }
+    }
+  }
   const Extra* extra = reinterpret_cast<const Extra*>(a.multi[m]);
   for (int64_t p = 0; p < a.num_multi[m]; ++p) {
     const int32_t first = a.first_ids[m][extra[p].u];
@@ -420,7 +447,14 @@ void candidates_above(const Args& a, int m, int64_t b, float thr, float thr_mult
 // of the models' top-1 ids, a union id can reach tau only if some model has w_m * P_m(u) >= tau / M, i.e.
 // e_v >= tau / (M * w_m * inv_s_m) for one of its ids (many-to-one ids are always checked). Half that
 // threshold leaves room for rounding; the candidates' keys are computed exactly as in tile_keys.
-int64_t greedy_prob_zero(const Args& a, int64_t b, const RowStats& st, std::vector<int64_t>& cand, float* best_key) {
+//
+// The threshold is at least 0.5 / M (tau >= w_m * inv_s_m: model m's top id has e = 1), i.e. z_v = y_v - mx_m >=
+// log(0.5 / M) - 0.01: near_z_min(M) below that is a bound the exponential pass can record against before tau
+// is known (near[m]: that row's recorded ids per chunk of model m, or null).
+float near_z_min(int M) { return static_cast<float>(std::log(0.5 / M) - 0.05); }
+
+int64_t greedy_prob_zero(const Args& a, int64_t b, const RowStats& st, const std::vector<int32_t>* const* near,
+                         int64_t const* near_chunks, std::vector<int64_t>& cand, float* best_key) {
   const int M = a.num_models;
   const float* w = a.weights + b * M;
   cand.clear();
@@ -441,7 +475,7 @@ int64_t greedy_prob_zero(const Args& a, int64_t b, const RowStats& st, std::vect
     const double ythr = st.mx[m] + std::log(thr) - 0.01;
     candidates_above(a, m, b, static_cast<float>(ythr),
                      static_cast<float>(ythr - std::log(static_cast<double>(std::max<int64_t>(a.max_mult[m], 1)))),
-                     cand);
+                     near[m], near_chunks[m], cand);
   }
   int64_t best = -1;
   float kbest = 0.0f;
@@ -469,6 +503,11 @@ struct Work {
   // one per row; none when only the statistics are needed.
   int64_t slot_size = 0, model_off[ensemble::kMaxModels] = {};
   std::vector<float> exps;
+  // Greedy "prob"/"zero" next_token on the AVX-512 path: per statistics item, the ids near the row's max
+  // (NearIds) and whether they were recorded (not when |max| is so large that float rounding could exceed the
+  // bound's slack).
+  std::vector<std::vector<int32_t>> near;
+  std::vector<uint8_t> near_ok;
   Work(const Args& args, bool store_exps)
       : a(args), grid(args), pmax(grid.stat_items()), pat(grid.stat_items()), psum(grid.stat_items()),
         tmax(grid.key_items()), targ(grid.key_items()), tsum(grid.key_items()) {
@@ -481,6 +520,23 @@ struct Work {
     rk.inv_z.resize(a.batch);
     rk.best.resize(a.batch);
     rk.z.resize(a.batch);
+  }
+
+  void record_near() {
+    near.resize(grid.stat_items());
+    near_ok.assign(grid.stat_items(), 0);
+  }
+
+  // Row b's recorded ids of model m (its chunks' lists) into near_m / chunks_m, or null when not recorded.
+  void near_of(int64_t b, int m, const std::vector<int32_t>** near_m, int64_t* chunks_m) const {
+    *near_m = nullptr;
+    *chunks_m = 0;
+    if (near.empty()) return;
+    for (int64_t i = first_chunk(b, m); i < last_chunk(b, m); ++i) {
+      if (!near_ok[i]) return;
+    }
+    *near_m = &near[first_chunk(b, m)];
+    *chunks_m = last_chunk(b, m) - first_chunk(b, m);
   }
 
   float* exps_of(int64_t b, int m) {
@@ -536,8 +592,14 @@ struct Work {
                      grid.stat_item(i, &b, &m, &v0, &v1);
                      float mx;
                      row_max(b, m, &mx, &top);
+                     NearIds rec;
+                     if (!near.empty() && std::fabs(mx) < 16384.0f) {  // ulp(mx) <= 2^-10: far inside the slack
+                       near[i].clear();
+                       near_ok[i] = 1;
+                       rec = {near_z_min(a.num_models), &near[i]};
+                     }
                      psum[i] = chunk_expsum(a.dtype, row_ptr(a, m, b), a.to_union[m], v0, v1, a.inv_temp[m], mx,
-                                            exps_of(b, m));
+                                            exps_of(b, m), rec);
                    }});
   }
 
@@ -623,6 +685,7 @@ void next_token(const Args& a, bool greedy, uint64_t seed, uint32_t stream, int6
   const bool normalize = a.logprob || a.renormalize;
   const bool fast = greedy && !normalize;
   Work w(a, !fast);
+  if (fast && avx512_paths_usable()) w.record_near();
   std::vector<float> score(fast ? 0 : static_cast<size_t>(w.slots()) * U);
   std::vector<Phase> phases;
   w.stats_phases(phases);
@@ -632,7 +695,10 @@ void next_token(const Args& a, bool greedy, uint64_t seed, uint32_t stream, int6
                       float p = 0.0f;
                       if (fast) {
                         std::vector<int64_t> cand;
-                        chosen = greedy_prob_zero(a, b, w.row_stats(b), cand, &p);
+                        const std::vector<int32_t>* near[ensemble::kMaxModels];
+                        int64_t chunks[ensemble::kMaxModels];
+                        for (int m = 0; m < a.num_models; ++m) w.near_of(b, m, &near[m], &chunks[m]);
+                        chosen = greedy_prob_zero(a, b, w.row_stats(b), near, chunks, cand, &p);
                       } else {
                         const float* r = score.data() + w.slot(b) * U;
                         const float inv_z = normalize ? w.rk.inv_z[b] : 1.0f;
