@@ -30,15 +30,20 @@ def philox4x32(c0, c1, c2, c3, k0, k1, N_ROUNDS: tl.constexpr = 10):
 
 
 @triton.jit
-def philox_randint(seed_lo, seed_hi, index, stream, purpose):
-    """First Philox word for int64 ``index`` (tensor), uint32 halves of the seed, int stream/purpose."""
-    idx = index.to(tl.uint64, bitcast=True)
-    c0 = (idx & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (idx >> 32).to(tl.uint32)
+def _block(seed_lo, seed_hi, counter, stream, purpose):
+    """The four words of pyfuse's Philox block (counter lo, counter hi, stream, purpose) for uint64 ``counter``."""
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (counter >> 32).to(tl.uint32)
     zero = tl.zeros_like(c0)
     c2 = (zero + stream).to(tl.uint32)
     c3 = (zero + purpose).to(tl.uint32)
-    w0, _, _, _ = philox4x32(c0, c1, c2, c3, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+    return philox4x32(c0, c1, c2, c3, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+
+
+@triton.jit
+def philox_randint(seed_lo, seed_hi, index, stream, purpose):
+    """First Philox word for int64 ``index`` (tensor), uint32 halves of the seed, int stream/purpose."""
+    w0, _, _, _ = _block(seed_lo, seed_hi, index.to(tl.uint64, bitcast=True), stream, purpose)
     return w0
 
 
@@ -46,13 +51,7 @@ def philox_randint(seed_lo, seed_hi, index, stream, purpose):
 def philox_packed_randint(seed_lo, seed_hi, index, stream, purpose):
     """The packed layout: word index % 4 of counter (index // 4, stream, purpose), for int64 ``index`` >= 0."""
     idx = index.to(tl.uint64, bitcast=True)
-    block = idx >> 2
-    c0 = (block & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (block >> 32).to(tl.uint32)
-    zero = tl.zeros_like(c0)
-    c2 = (zero + stream).to(tl.uint32)
-    c3 = (zero + purpose).to(tl.uint32)
-    w0, w1, w2, w3 = philox4x32(c0, c1, c2, c3, seed_lo.to(tl.uint32), seed_hi.to(tl.uint32))
+    w0, w1, w2, w3 = _block(seed_lo, seed_hi, idx >> 2, stream, purpose)
     word = idx & 3
     return tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
 
