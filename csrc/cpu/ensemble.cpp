@@ -97,10 +97,6 @@ PYFUSE_PER_DTYPE(chunk_expsum_f32, chunk_expsum_t, kFloat32, PYFUSE_SUM_PARAMS, 
 PYFUSE_PER_DTYPE(chunk_expsum_f16, chunk_expsum_t, kFloat16, PYFUSE_SUM_PARAMS, (x, f, v0, v1, t, mx, e))
 PYFUSE_PER_DTYPE(chunk_expsum_bf16, chunk_expsum_t, kBFloat16, PYFUSE_SUM_PARAMS, (x, f, v0, v1, t, mx, e))
 
-// chunk_expsum_t with AVX-512 intrinsics, the same values: exp_det's floor_small is one round-down
-// (vrndscaleps; n is an integer below 2^23 in magnitude) and its p * 2^n one vscalefps (both are the correctly
-// rounded p * 2^n). GCC compiles floor_small and the exponent-bit scale to eight instructions per vector, a
-// sixth of this compute-bound loop. The tail goes through exp_det itself.
 // Where the exponential pass records the valid ids with z = y_v - mx >= z_min (ids, in id order; null: none).
 // greedy_prob_zero's candidates are a subset of them, so it filters this short list instead of the row.
 struct NearIds {
@@ -108,6 +104,10 @@ struct NearIds {
   std::vector<int32_t>* ids = nullptr;
 };
 
+// chunk_expsum_t with AVX-512 intrinsics, the same values: exp_det's floor_small is one round-down
+// (vrndscaleps; n is an integer below 2^23 in magnitude) and its p * 2^n one vscalefps (both are the correctly
+// rounded p * 2^n). GCC compiles floor_small and the exponent-bit scale to eight instructions per vector, a
+// sixth of this compute-bound loop. The tail goes through exp_det itself. Also records the NearIds, if asked.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 template <int DT>
@@ -148,8 +148,9 @@ int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64
     const __m512 ev = _mm512_maskz_mov_ps(ok, _mm512_scalef_ps(p, n));
     if (e) _mm512_storeu_ps(e + v, ev);
     const __m512 f = _mm512_mul_ps(ev, fix_scale);
+    const __m256 f_hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1));
     s_lo = _mm512_add_epi64(s_lo, _mm512_cvttps_epi64(_mm512_castps512_ps256(f)));
-    s_hi = _mm512_add_epi64(s_hi, _mm512_cvttps_epi64(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1))));
+    s_hi = _mm512_add_epi64(s_hi, _mm512_cvttps_epi64(f_hi));
   }
   int64_t s = _mm512_reduce_add_epi64(_mm512_add_epi64(s_lo, s_hi));
   for (; v < v1; ++v) {

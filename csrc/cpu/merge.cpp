@@ -6,9 +6,9 @@
 // version for rescale="l1" (which records the random keep decisions as bits). Fused pass: each thread
 // takes a segment (a tile, or one row for della), recomputes every delta and mask (random ones with
 // cpu/philox_lanes.h's vector Philox in the packed layout, or replayed from the recorded bits) into a K x
-// segment scratch, elects the sign, combines and writes the output once. Extra memory: per thread K x segment floats (+ della's row
-// sort), the band candidates (about 1% of n, at most 1/20 of the input's bytes), and the keep bits (1/32 of
-// a float32 input per model); no K x n float buffers. Results do not depend on the thread count: per-element
+// segment scratch, elects the sign, combines and writes the output once. Extra memory: per thread K x segment
+// floats (+ della's row sort), the band candidates (about 1% of n, at most 1/20 of the input's bytes), and the
+// keep bits (1/32 of a float32 input per model); no K x n float buffers. Results do not depend on the thread count: per-element
 // math only, L1 partial sums in fixed segments.
 #include <algorithm>
 #include <cmath>

@@ -205,7 +205,9 @@ void philox_uniforms_isa(PhiloxIsa isa, uint64_t seed, uint64_t first, uint32_t 
                                   : philox_isa_usable(kPhiloxAvx2) ? kPhiloxAvx2
                                                                    : kPhiloxScalar;
   static const UniformsFn first_word = path(widest, kPhiloxFirstWord), packed = path(widest, kPhiloxPacked);
-  if (isa == kPhiloxAuto) return (layout == kPhiloxPacked ? packed : first_word)(seed, first, stream, purpose, u, count);
+  if (isa == kPhiloxAuto) {
+    return (layout == kPhiloxPacked ? packed : first_word)(seed, first, stream, purpose, u, count);
+  }
   path(isa, layout)(seed, first, stream, purpose, u, count);
 }
 

@@ -15,7 +15,8 @@ Per model i (all arithmetic float32, models in index order):
 Q: "agree_weight" sum_i a_i w_i (0 -> 1), "agree_count" max(sum_i a_i, 1), "all_weight" sum_i w_i
 (|Q| < 1e-8 -> 1), "none" 1. Selection ties go to the lowest flat index (``argsort(stable=True)``);
 NaN magnitudes count as the largest. Random numbers: the packed Philox uniform u of element j (word j % 4 of
-counter (j // 4, stream=i, purpose)) and an element is kept iff u < p. The per-model parameters come from ``pyfuse.merge.op.plan``.
+counter (j // 4, stream=i, purpose)) and an element is kept iff u < p. The per-model parameters come from
+``pyfuse.merge.op.plan``.
 """
 from __future__ import annotations
 
