@@ -505,10 +505,8 @@ struct Work {
   int64_t slot_size = 0, model_off[ensemble::kMaxModels] = {};
   std::vector<float> exps;
   // Greedy "prob"/"zero" next_token on the AVX-512 path: per statistics item, the ids near the row's max
-  // (NearIds) and whether they were recorded (not when |max| is so large that float rounding could exceed the
-  // bound's slack).
+  // (NearIds); empty when not recorded.
   std::vector<std::vector<int32_t>> near;
-  std::vector<uint8_t> near_ok;
   Work(const Args& args, bool store_exps)
       : a(args), grid(args), pmax(grid.stat_items()), pat(grid.stat_items()), psum(grid.stat_items()),
         tmax(grid.key_items()), targ(grid.key_items()), tsum(grid.key_items()) {
@@ -523,21 +521,17 @@ struct Work {
     rk.z.resize(a.batch);
   }
 
-  void record_near() {
-    near.resize(grid.stat_items());
-    near_ok.assign(grid.stat_items(), 0);
-  }
+  void record_near() { near.resize(grid.stat_items()); }
 
-  // Row b's recorded ids of model m (its chunks' lists) into near_m / chunks_m, or null when not recorded.
-  void near_of(int64_t b, int m, const std::vector<int32_t>** near_m, int64_t* chunks_m) const {
-    *near_m = nullptr;
-    *chunks_m = 0;
-    if (near.empty()) return;
-    for (int64_t i = first_chunk(b, m); i < last_chunk(b, m); ++i) {
-      if (!near_ok[i]) return;
-    }
-    *near_m = &near[first_chunk(b, m)];
-    *chunks_m = last_chunk(b, m) - first_chunk(b, m);
+  // Whether the ids near a row max mx are recorded: not when |mx| is so large that float rounding could exceed
+  // the bound's slack (ulp(mx) <= 2^-10 below 16384).
+  bool records_near(float mx) const { return !near.empty() && std::fabs(mx) < 16384.0f; }
+
+  // Row b's recorded ids of model m (max mx; its chunks' lists) into near_m / chunks_m, or null when not recorded.
+  void near_of(int64_t b, int m, float mx, const std::vector<int32_t>** near_m, int64_t* chunks_m) const {
+    const bool recorded = records_near(mx);
+    *near_m = recorded ? &near[first_chunk(b, m)] : nullptr;
+    *chunks_m = recorded ? last_chunk(b, m) - first_chunk(b, m) : 0;
   }
 
   float* exps_of(int64_t b, int m) {
@@ -594,9 +588,8 @@ struct Work {
                      float mx;
                      row_max(b, m, &mx, &top);
                      NearIds rec;
-                     if (!near.empty() && std::fabs(mx) < 16384.0f) {  // ulp(mx) <= 2^-10: far inside the slack
+                     if (records_near(mx)) {
                        near[i].clear();
-                       near_ok[i] = 1;
                        rec = {near_z_min(a.num_models), &near[i]};
                      }
                      psum[i] = chunk_expsum(a.dtype, row_ptr(a, m, b), a.to_union[m], v0, v1, a.inv_temp[m], mx,
@@ -696,10 +689,11 @@ void next_token(const Args& a, bool greedy, uint64_t seed, uint32_t stream, int6
                       float p = 0.0f;
                       if (fast) {
                         std::vector<int64_t> cand;
+                        const RowStats st = w.row_stats(b);
                         const std::vector<int32_t>* near[ensemble::kMaxModels];
                         int64_t chunks[ensemble::kMaxModels];
-                        for (int m = 0; m < a.num_models; ++m) w.near_of(b, m, &near[m], &chunks[m]);
-                        chosen = greedy_prob_zero(a, b, w.row_stats(b), near, chunks, cand, &p);
+                        for (int m = 0; m < a.num_models; ++m) w.near_of(b, m, st.mx[m], &near[m], &chunks[m]);
+                        chosen = greedy_prob_zero(a, b, st, near, chunks, cand, &p);
                       } else {
                         const float* r = score.data() + w.slot(b) * U;
                         const float inv_z = normalize ? w.rk.inv_z[b] : 1.0f;

@@ -8,8 +8,8 @@
 // cpu/philox_lanes.h's vector Philox in the packed layout, or replayed from the recorded bits) into a K x
 // segment scratch, elects the sign, combines and writes the output once. Extra memory: per thread K x segment
 // floats (+ della's row sort), the band candidates (about 1% of n, at most 1/20 of the input's bytes), and the
-// keep bits (1/32 of a float32 input per model); no K x n float buffers. Results do not depend on the thread count: per-element
-// math only, L1 partial sums in fixed segments.
+// keep bits (1/32 of a float32 input per model); no K x n float buffers. Results do not depend on the thread
+// count: per-element math only, L1 partial sums in fixed segments.
 #include <algorithm>
 #include <cmath>
 #include <cstring>

@@ -120,11 +120,7 @@ void step(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpose, floa
   philox_words0<kVec>(seed, first, stream, purpose, w0);
   alignas(32) uint32_t bits[8 * kVec];
   for (int v = 0; v < kVec; ++v) _mm256_store_si256(reinterpret_cast<__m256i*>(bits) + v, w0[v]);
-  for (int l = 0; l < 4 * kVec; ++l) {  // low half of each 64-bit lane
-    int32_t s = static_cast<int32_t>(bits[2 * l]);
-    s ^= s >> 31;
-    u[l] = static_cast<float>(s) * kToUnit;
-  }
+  for (int l = 0; l < 4 * kVec; ++l) u[l] = philox::uint_to_uniform(bits[2 * l]);  // low half of each 64-bit lane
 }
 
 constexpr int kPackedStep = 4 * kStep;
@@ -137,11 +133,7 @@ void packed_step(uint64_t seed, uint64_t first, uint32_t stream, uint32_t purpos
     for (int v = 0; v < kVec; ++v) _mm256_store_si256(reinterpret_cast<__m256i*>(bits[word]) + v, w[word][v]);
   }
   for (int q = 0; q < 4 * kVec; ++q) {  // counter q: low half of 64-bit lane q
-    for (int word = 0; word < 4; ++word) {
-      int32_t s = static_cast<int32_t>(bits[word][2 * q]);
-      s ^= s >> 31;
-      u[4 * q + word] = static_cast<float>(s) * kToUnit;
-    }
+    for (int word = 0; word < 4; ++word) u[4 * q + word] = philox::uint_to_uniform(bits[word][2 * q]);
   }
 }
 

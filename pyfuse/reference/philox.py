@@ -36,19 +36,20 @@ def uint_to_uniform_np(x: np.ndarray) -> np.ndarray:
     return s.astype(np.float32) * np.float32(UNIFORM_SCALE)
 
 
-def rand_np(seed: int, index, stream: int = 0, purpose: int = 0) -> np.ndarray:
+def _block_np(seed: int, counter: np.ndarray, stream: int, purpose: int):
+    """The four words of pyfuse's Philox block (counter lo, counter hi, stream, purpose), uint64 counters."""
     seed %= 1 << 64
-    index = np.asarray(index, dtype=np.uint64)
-    words = philox_np(index & np.uint64(MASK32), index >> np.uint64(32), stream, purpose, seed & MASK32, seed >> 32)
-    return uint_to_uniform_np(words[0])
+    return philox_np(counter & np.uint64(MASK32), counter >> np.uint64(32), stream, purpose, seed & MASK32, seed >> 32)
+
+
+def rand_np(seed: int, index, stream: int = 0, purpose: int = 0) -> np.ndarray:
+    return uint_to_uniform_np(_block_np(seed, np.asarray(index, dtype=np.uint64), stream, purpose)[0])
 
 
 def packed_rand_np(seed: int, index, stream: int = 0, purpose: int = 0) -> np.ndarray:
     """Packed layout: element i is word i % 4 of counter i // 4."""
-    seed %= 1 << 64
     index = np.asarray(index, dtype=np.uint64)
-    block = index >> np.uint64(2)
-    words = philox_np(block & np.uint64(MASK32), block >> np.uint64(32), stream, purpose, seed & MASK32, seed >> 32)
+    words = _block_np(seed, index >> np.uint64(2), stream, purpose)
     return uint_to_uniform_np(np.choose((index & np.uint64(3)).astype(np.int64), words))
 
 
@@ -72,26 +73,25 @@ def uint_to_uniform_torch(x: torch.Tensor) -> torch.Tensor:
     return s.to(torch.float32) * UNIFORM_SCALE
 
 
+def _block_torch(seed: int, counter: torch.Tensor, stream, purpose) -> list[torch.Tensor]:
+    """The four words of pyfuse's Philox block (counter lo, counter hi, stream, purpose); int64 counters hold
+    uint64 bits, stream/purpose ints or tensors."""
+    seed %= 1 << 64
+    lo, hi = counter & MASK32, (counter >> 32) & MASK32
+    stream = torch.as_tensor(stream, dtype=torch.int64, device=counter.device)
+    purpose = torch.as_tensor(purpose, dtype=torch.int64, device=counter.device)
+    return philox_torch(lo, hi, stream.expand_as(lo), purpose.expand_as(lo), seed & MASK32, seed >> 32)
+
+
 def rand_torch(seed: int, index: torch.Tensor, stream=0, purpose=0) -> torch.Tensor:
     """Uniforms in [0, 1) for int64 ``index`` (may be any shape); stream/purpose ints or tensors."""
-    seed %= 1 << 64
-    index = index.to(torch.int64)
-    lo, hi = index & MASK32, (index >> 32) & MASK32
-    stream = torch.as_tensor(stream, dtype=torch.int64, device=index.device)
-    purpose = torch.as_tensor(purpose, dtype=torch.int64, device=index.device)
-    words = philox_torch(lo, hi, stream.expand_as(lo), purpose.expand_as(lo), seed & MASK32, seed >> 32)
-    return uint_to_uniform_torch(words[0])
+    return uint_to_uniform_torch(_block_torch(seed, index.to(torch.int64), stream, purpose)[0])
 
 
 def packed_rand_torch(seed: int, index: torch.Tensor, stream=0, purpose=0) -> torch.Tensor:
     """rand_torch in the packed layout: element i is word i % 4 of counter (i // 4, stream, purpose)."""
-    seed %= 1 << 64
     index = index.to(torch.int64)
-    block = index >> 2  # index >= 0
-    lo, hi = block & MASK32, (block >> 32) & MASK32
-    stream = torch.as_tensor(stream, dtype=torch.int64, device=index.device)
-    purpose = torch.as_tensor(purpose, dtype=torch.int64, device=index.device)
-    words = torch.stack(philox_torch(lo, hi, stream.expand_as(lo), purpose.expand_as(lo), seed & MASK32, seed >> 32))
+    words = torch.stack(_block_torch(seed, index >> 2, stream, purpose))  # index >= 0
     return uint_to_uniform_torch(words.gather(0, (index & 3).unsqueeze(0)).squeeze(0))
 
 
