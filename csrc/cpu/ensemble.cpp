@@ -415,25 +415,30 @@ PYFUSE_CANDIDATES(candidates_f16, kFloat16)
 PYFUSE_CANDIDATES(candidates_bf16, kBFloat16)
 
 // Appends the union ids of row b's model m with an id at y_v >= thr, and the many-to-one union ids (several
-// ids of model m: their sum may pass) with an id at y_v >= thr_multi (<= thr). The second set comes from the
-// map's list of ids after the first (a few % of V), not from a second screen of the row: with thr_multi a
-// few units of y lower, that screen hit most blocks. A union id may be appended twice.
-// near: the ids the exponential pass recorded for this row and model, per statistics chunk (a superset of the
-// first set; see greedy_prob_zero), or null to screen the row.
+// ids of model m: their sum may pass) with an id at y_v >= thr_multi (<= thr). A union id may be appended twice.
+// near: the ids the exponential pass recorded for this row and model, per statistics chunk (a superset of both
+// sets; see greedy_prob_zero): filtering that short list finds both. Without it (null), the row is screened for
+// the first set and the second comes from the map's list of ids after the first (a few % of V), not from a
+// second screen of the row: with thr_multi a few units of y lower, that screen hit most blocks.
 void candidates_above(const Args& a, int m, int64_t b, float thr, float thr_multi, const std::vector<int32_t>* near,
                       int64_t near_chunks, std::vector<int64_t>& out) {
   const void* x = row_ptr(a, m, b);
   const float inv_t = a.inv_temp[m];
-  if (near == nullptr) {
-    auto fn = a.dtype == kFloat32 ? candidates_f32 : a.dtype == kFloat16 ? candidates_f16 : candidates_bf16;
-    fn(x, a.to_union[m], a.vocab[m], inv_t, thr, out);
-  } else {
+  const int32_t* fwd = a.to_union[m];
+  const int32_t* rev = a.rev_offsets[m];
+  if (near != nullptr) {
     for (int64_t c = 0; c < near_chunks; ++c) {
       for (int32_t v : near[c]) {
-        if (load_float(x, a.dtype, v) * inv_t >= thr) out.push_back(a.to_union[m][v]);
+        const float y = load_float(x, a.dtype, v) * inv_t;
+        if (!(y >= thr_multi)) continue;
+        const int32_t u = fwd[v];
+        if (y >= thr || rev[u + 1] - rev[u] > 1) out.push_back(u);
       }
     }
+    return;
   }
+  auto fn = a.dtype == kFloat32 ? candidates_f32 : a.dtype == kFloat16 ? candidates_f16 : candidates_bf16;
+  fn(x, fwd, a.vocab[m], inv_t, thr, out);
   const Extra* extra = reinterpret_cast<const Extra*>(a.multi[m]);
   for (int64_t p = 0; p < a.num_multi[m]; ++p) {
     const int32_t first = a.first_ids[m][extra[p].u];
@@ -450,9 +455,15 @@ void candidates_above(const Args& a, int m, int64_t b, float thr, float thr_mult
 // threshold leaves room for rounding; the candidates' keys are computed exactly as in tile_keys.
 //
 // The threshold is at least 0.5 / M (tau >= w_m * inv_s_m: model m's top id has e = 1), i.e. z_v = y_v - mx_m >=
-// log(0.5 / M) - 0.01: near_z_min(M) below that is a bound the exponential pass can record against before tau
-// is known (near[m]: that row's recorded ids per chunk of model m, or null).
-float near_z_min(int M) { return static_cast<float>(std::log(0.5 / M) - 0.05); }
+// log(0.5 / M) - 0.01, and the many-to-one threshold log(max_mult_m) lower: near_z_min below both is a bound
+// the exponential pass can record against before tau is known (near[m]: that row's recorded ids per chunk of
+// model m, or null).
+double log_max_mult(const Args& a, int m) {
+  return std::log(static_cast<double>(std::max<int64_t>(a.max_mult[m], 1)));
+}
+float near_z_min(const Args& a, int m) {
+  return static_cast<float>(std::log(0.5 / a.num_models) - 0.05 - log_max_mult(a, m));
+}
 
 int64_t greedy_prob_zero(const Args& a, int64_t b, const RowStats& st, const std::vector<int32_t>* const* near,
                          int64_t const* near_chunks, std::vector<int64_t>& cand, float* best_key) {
@@ -475,7 +486,7 @@ int64_t greedy_prob_zero(const Args& a, int64_t b, const RowStats& st, const std
     // A union id with n model ids needs one of them at >= thr / n.
     const double ythr = st.mx[m] + std::log(thr) - 0.01;
     candidates_above(a, m, b, static_cast<float>(ythr),
-                     static_cast<float>(ythr - std::log(static_cast<double>(std::max<int64_t>(a.max_mult[m], 1)))),
+                     static_cast<float>(ythr - log_max_mult(a, m)),
                      near[m], near_chunks[m], cand);
   }
   int64_t best = -1;
@@ -590,7 +601,7 @@ struct Work {
                      NearIds rec;
                      if (records_near(mx)) {
                        near[i].clear();
-                       rec = {near_z_min(a.num_models), &near[i]};
+                       rec = {near_z_min(a, m), &near[i]};
                      }
                      psum[i] = chunk_expsum(a.dtype, row_ptr(a, m, b), a.to_union[m], v0, v1, a.inv_temp[m], mx,
                                             exps_of(b, m), rec);
