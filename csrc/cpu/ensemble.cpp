@@ -197,7 +197,12 @@ void gather(const float* x, const int32_t* first, int64_t n, float* g) {
   for (int64_t i = 0; i < n; ++i) g[i] = first[i] >= 0 ? x[first[i]] : 0.0f;
 }
 
-PYFUSE_HOT void add_prob(float* acc, const float* E, int64_t n, float w, float inv_s) {
+// acc[i] = acc[i] + w * (E[i] * inv_s), or (first) the term alone: 0 + t is t, for t >= 0.
+PYFUSE_HOT void add_prob(float* acc, const float* E, int64_t n, float w, float inv_s, bool first) {
+  if (first) {
+    for (int64_t i = 0; i < n; ++i) acc[i] = w * (E[i] * inv_s);
+    return;
+  }
   for (int64_t i = 0; i < n; ++i) acc[i] = acc[i] + w * (E[i] * inv_s);
 }
 
@@ -256,13 +261,12 @@ void tile_exps(const Args& a, int m, const float* e, int64_t u0, int64_t n, floa
 }
 
 // Mode "prob" + absent "zero": the key is the weighted sum itself; model m's term of it added into key[n]
-// (zeroed first for model 0), the same operations as tile_keys.
+// (model 0's term written: weights and exponentials are >= 0), the same values as tile_keys.
 void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const float* e, int64_t u0, int64_t n,
                     float* key) {
   float E[kTile];
-  if (m == 0) std::fill(key, key + n, 0.0f);
   tile_exps(a, m, e, u0, n, E);
-  add_prob(key, E, n, a.weights[b * a.num_models + m], st.inv_s[m]);
+  add_prob(key, E, n, a.weights[b * a.num_models + m], st.inv_s[m], m == 0);
 }
 
 // key(u) of batch row b for union ids [u0, u0 + n), n <= kTile, into key[n], from the row's exponentials
@@ -283,7 +287,7 @@ void tile_keys(const Args& a, int64_t b, const RowStats& st, float* const* e, in
   for (int m = 0; m < M; ++m) {
     tile_exps(a, m, e[m], u0, n, E);
     if (!a.logprob) {
-      add_prob(acc, E, n, w[m], st.inv_s[m]);
+      add_prob(acc, E, n, w[m], st.inv_s[m], false);
     } else if (w[m] > 0.0f) {
       add_logprob(acc, used, E, present, n, w[m], st.inv_s[m], m, a.renormalize);
     }
