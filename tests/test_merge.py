@@ -184,7 +184,7 @@ def test_large_top_k_band_and_fallbacks(backend, device):
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_cpu_avx512_pathss(dtype, avx512):
+def test_cpu_avx512_band_paths(dtype, avx512):
     """The CPU threshold sweep collects band candidates with AVX-512 (compress-stores, vector float16 /
     bfloat16 conversions) or with portable flag scans: both must give the reference's top-k sets, for
     magnitude (one threshold per model) and breadcrumbs (two), with and without a base. Sorted deltas pack
@@ -208,6 +208,26 @@ def test_cpu_avx512_pathss(dtype, avx512):
             for kw in (dict(sparsify="magnitude", density=0.2), dict(sparsify="breadcrumbs", density=0.3, gamma=0.05)):
                 got, want = both("cpu", b, ms, [1.0, 0.6, 0.8], consensus="sum", normalize="agree_weight", **kw)
                 assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cpu_avx512_l1_random_path(dtype, avx512):
+    """DARE with rescale "l1": the statistics pass draws the keep decisions, records them as bits (replayed by
+    the fused pass) and sums |d| and |kept d| in double lanes, with AVX-512 (a compare mask per 16 elements)
+    or portably. Both must give the reference's bits. Sizes: below one vector, a tail of 8 + 5 elements, and
+    several segments whose last Philox run holds 5 elements (its bit word is partly written)."""
+    g = torch.Generator().manual_seed(5)
+    with cpu_avx512_paths(avx512) as used:
+        if avx512 and not used:
+            pytest.skip("this CPU has no AVX-512 F/BW/VL/DQ")
+        for n in (7, 1021, 2 * 2048 + 517):
+            base = torch.randn(n, generator=g).to(dtype)
+            models = [(base.float() + 0.1 * torch.randn(n, generator=g)).to(dtype) for _ in range(3)]
+            for density in (0.3, 0.9):
+                got, want = both("cpu", base, models, [1.0, 0.6, 0.8], sparsify="random", density=density,
+                                 rescale="l1", consensus="sum", normalize="agree_weight")
+                assert torch.equal(got, want), (n, density)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -439,6 +439,61 @@ PYFUSE_INLINE void l1_random_lanes(const Config& c, const void* x, uint32_t mi, 
   }
 }
 
+// l1_random_lanes for a constant keep probability p with AVX-512 intrinsics: the same decisions, bits and sums
+// (the same lanes in the same order: of each 16 elements, the first 8 into lanes 0-7, then the next 8). The keep
+// decisions of 16 elements are one compare mask, which is also their 16 bits.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+inline __m512d add_halves(__m512d acc, __m512 v) {  // acc += v[0:8] in double, then acc += v[8:16]
+  acc = _mm512_add_pd(acc, _mm512_cvtps_pd(_mm512_castps512_ps256(v)));
+  return _mm512_add_pd(acc, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1))));
+}
+
+template <int32_t kDtype>
+__attribute__((noinline)) void l1_random_lanes_avx512(const Config& c, const void* x, uint32_t mi, int64_t start,
+                                                      int64_t len, const float* bt, float p, const KeepBits& kb,
+                                                      double* before, double* after) {
+  alignas(64) float u[kRun];
+  alignas(64) double lb[kLanes], la[kLanes];
+  uint16_t* bits = kb.words == nullptr ? nullptr : reinterpret_cast<uint16_t*>(kb.words + mi * kb.per_model);
+  const __m512 pv = _mm512_set1_ps(p);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  __m512d b = _mm512_setzero_pd(), a = _mm512_setzero_pd();
+  for (int64_t j0 = 0; j0 < len; j0 += kRun) {
+    const int64_t cnt = std::min(kRun, len - j0);
+    philox_uniforms(c.seed, static_cast<uint64_t>(start + j0), mi, c.purpose, u, cnt, kPhiloxPacked);
+    int64_t l = 0;
+    for (; l + 16 <= cnt; l += 16) {
+      const __mmask16 keep = _mm512_cmp_ps_mask(_mm512_load_ps(u + l), pv, _CMP_LT_OQ);
+      if (bits != nullptr) bits[(j0 + l) / 16] = keep;
+      const __m512 d = _mm512_sub_ps(load16<kDtype>(x, start + j0 + l), _mm512_loadu_ps(bt + j0 + l));
+      const __m512 ad = _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(d), abs_mask));
+      b = add_halves(b, ad);
+      a = add_halves(a, _mm512_maskz_mov_ps(keep, ad));
+    }
+    if (l < cnt) {  // the segment's last elements: element l into lane l % 8, as in l1_random_lanes
+      _mm512_store_pd(lb, b);
+      _mm512_store_pd(la, a);
+      uint16_t word = 0;
+      for (int64_t t = l; t < cnt; ++t) {
+        const bool keep = u[t] < p;
+        const float d = load<kDtype>(x, start + j0 + t) - bt[j0 + t];
+        lb[t % kLanes] += static_cast<double>(std::fabs(d));
+        la[t % kLanes] += static_cast<double>(std::fabs(merge::select(d, keep)));
+        word = static_cast<uint16_t>(word | (uint32_t{keep} << (t - l)));
+      }
+      if (bits != nullptr) bits[(j0 + l) / 16] = word;
+      b = _mm512_load_pd(lb);
+      a = _mm512_load_pd(la);
+    }
+    // The rest of the run's last 64-bit word is zero, as keep_run writes it.
+    for (int64_t q = (j0 + cnt + 15) / 16; bits != nullptr && q % 4 != 0; ++q) bits[q] = 0;
+  }
+  _mm512_storeu_pd(before, b);
+  _mm512_storeu_pd(after, a);
+}
+#pragma GCC pop_options
+
 // L1 statistics of one segment: lanes of sum |d| and sum |m| per model, sums[model][2][kLanes].
 template <int32_t kDtype>
 PYFUSE_INLINE void l1_body(const Config& c, const void* const* x, const Model* models, int64_t start, int64_t len,
@@ -451,7 +506,11 @@ PYFUSE_INLINE void l1_body(const Config& c, const void* const* x, const Model* m
     const Model& m = models[i];
     if (!m.keep_all && c.sparsify == merge::kRandom) {
       const float p = m.p_keep;
-      l1_random_lanes<kDtype>(c, x[i], i, start, len, bt, [p](int64_t) { return p; }, s.keep_bits, before, after);
+      if (avx512_paths_usable()) {
+        l1_random_lanes_avx512<kDtype>(c, x[i], i, start, len, bt, p, s.keep_bits, before, after);
+      } else {
+        l1_random_lanes<kDtype>(c, x[i], i, start, len, bt, [p](int64_t) { return p; }, s.keep_bits, before, after);
+      }
     } else if (!m.keep_all && c.sparsify == merge::kDella) {  // the segment is one row
       for (int64_t j = 0; j < len; ++j) mk[j] = load<kDtype>(x[i], start + j) - bt[j];
       const uint32_t* rank = row_ranks(mk, len, s);
