@@ -76,6 +76,8 @@ def test_results_and_peer_ratio(fake_report):
     assert res["reference"].speedup == {} and peer.speedup == {}
     assert fast.gbps == pytest.approx(2 * 1000 * 4 / fast.median_s / 1e9)  # bytes_floor / median
     assert fast.pct_copy == pytest.approx(100 * fast.gbps / fake_report.copy["median_gbps"])
+    floor_s = 2 * 1000 * 4 / (fake_report.copy["median_gbps"] * 1e9)  # the floor bytes at the copy bandwidth
+    assert fast.floor_multiple == pytest.approx(fast.median_s / floor_s)
     assert all(r.reps >= 1 and r.median_s > 0 for r in fake_report.results)
     assert fake_report.copy["median_gbps"] > 0
 

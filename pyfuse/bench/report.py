@@ -10,7 +10,7 @@ from typing import TextIO
 
 from pyfuse.bench.runner import BenchReport, Result
 
-COLUMNS = ("case", "provider", "median", "reps", "GB/s", "% copy", "peak extra", "speed-up vs peers")
+COLUMNS = ("case", "provider", "median", "reps", "GB/s", "% copy", "x floor", "peak extra", "speed-up vs peers")
 
 
 def _time(s: float) -> str:
@@ -33,7 +33,7 @@ def rows(report: BenchReport) -> list[tuple[str, ...]]:
     out, last = [], None
     for r in report.results:
         out.append((r.case if r.case != last else "", r.provider, _time(r.median_s), str(r.reps), f"{r.gbps:.3g}",
-                    f"{r.pct_copy:.3g}%", _mib(r.peak_extra_bytes), _speedup(r)))
+                    f"{r.pct_copy:.3g}%", f"{r.floor_multiple:.3g}x", _mib(r.peak_extra_bytes), _speedup(r)))
         last = r.case
     return out
 
@@ -45,7 +45,8 @@ def header(report: BenchReport) -> list[str]:
         f"pyfuse bench{' --quick' if report.quick else ''} on {report.device}: {m['cpu']} ({m['cpu_count']} CPUs, "
         f"{m['torch_threads']} torch threads){gpu}; torch {m['torch']}, python {m['python']}",
         f"copy bandwidth (read + write, {c['bytes'] >> 20} MiB moved): median {c['median_gbps']:.3g} GB/s, "
-        f"best {c['best_gbps']:.3g} GB/s; '% copy' = effective GB/s (bytes_floor / median) / median copy GB/s",
+        f"best {c['best_gbps']:.3g} GB/s; '% copy' = effective GB/s (bytes_floor / median) / median copy GB/s; "
+        f"'x floor' = median / (bytes_floor / median copy GB/s)",
         f"peak extra memory: {report.memory_method}",
     ]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import time
@@ -31,6 +32,7 @@ class Result:
     reps: int
     gbps: float
     pct_copy: float
+    floor_multiple: float  # median / the time bytes_floor takes at the copy bandwidth (1 = at the floor)
     peak_extra_bytes: int | None
     speedup: dict[str, float]  # peer -> peer time / this time; pyfuse providers only
 
@@ -102,7 +104,8 @@ def _run_case(case: BenchCase, device, settings: dict, copy_gbps: float, report:
             speedup = {p: timings[p].median_s / t.median_s for p in case.peers if p in timings}
         report.results.append(
             Result(case.name, case.family, case.op, case.params, provider, t.median_s, t.min_s, t.reps, gbps,
-                   100.0 * gbps / copy_gbps, t.peak_extra_bytes, speedup)
+                   100.0 * gbps / copy_gbps, copy_gbps / gbps if gbps > 0 else math.inf, t.peak_extra_bytes,
+                   speedup)
         )
 
 
