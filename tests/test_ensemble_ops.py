@@ -349,6 +349,15 @@ def test_bad_input():
             call()
 
 
+def test_weight_values_checked_before_the_device_move():
+    """Weights given as numbers (or a CPU tensor) are checked on the CPU, before they move to the logits'
+    device, where a check would cost a device sync: "meta" stands in for a GPU here."""
+    for weights, words in (([1.0, -0.5], ">= 0"), ([1.0, math.nan], "finite"), (torch.zeros(2), "positive sum")):
+        with pytest.raises(ValueError, match=words):
+            _check_weights(weights, 3, 2, "meta")
+    assert _check_weights([1.0, 3.0], 3, 2, "meta").device.type == "meta"
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_empty_batch(backend, device):
     vmap = small_map((10, 12), 15)

@@ -68,9 +68,8 @@ def _check_weights(weights, B: int, M: int, device) -> torch.Tensor:
         V.check_float_tensor("weights", weights, ndim=(1, 2))
         if weights.shape not in ((M,), (B, M)):
             raise ValueError(f"weights must have shape [{M}] or [{B}, {M}] (models, batch), got {tuple(weights.shape)}")
-        if weights.device != torch.device(device):
-            weights = weights.to(device)
-        # Value checks read the data: done where that costs no device sync (CPU tensors, eager mode).
+        # Value checks read the data: done where that costs no device sync (CPU tensors, which includes
+        # weights given as numbers, before they move to the logits' device; eager mode).
         if weights.device.type == "cpu" and not torch.compiler.is_compiling():
             if not bool(torch.isfinite(weights).all()):
                 raise ValueError("weights must be finite (got NaN or inf)")
@@ -78,6 +77,8 @@ def _check_weights(weights, B: int, M: int, device) -> torch.Tensor:
                 raise ValueError("weights must be >= 0")
             if bool((weights.sum(dim=-1) <= 0).any()):
                 raise ValueError("weights must have a positive sum (per row for [B, M] weights)")
+        if weights.device != torch.device(device):
+            weights = weights.to(device)
         w = weights.float().expand(B, M)
     return (w / w.sum(dim=1, keepdim=True)).contiguous()
 
