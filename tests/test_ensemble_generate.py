@@ -309,6 +309,13 @@ def test_top_k_greedy_equals_full_greedy_for_one_model(setup):
         [model], [tok], PROMPTS, max_new_tokens=6)
 
 
+def test_logprob_greedy_equals_prob_greedy_for_one_model(setup):
+    # With one model the product of experts is that model's distribution: the same argmax as mode "prob".
+    model, tok = setup["models"][0], setup["toks"][0]
+    assert generate([model], [tok], PROMPTS, max_new_tokens=6, mode="logprob") == generate(
+        [model], [tok], PROMPTS, max_new_tokens=6)
+
+
 def test_bad_input(setup):
     models, toks = setup["models"], setup["toks"]
     with pytest.raises(ValueError, match="tokenizers must hold one tokenizer per model: 2 models, got 1"):
