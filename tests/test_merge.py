@@ -383,7 +383,7 @@ def test_torch_compile(backend, device):
         return merge_tensors(b, [x0, x1, x2], [1.0, 0.5, 0.3], sparsify="magnitude", density=0.4, consensus="sum",
                              normalize="agree_weight", backend=backend) * 2
 
-    compiled = torch.compile(ties, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(ties, fullgraph=True)  # inductor: the op stays opaque, the * 2 is generated code
     assert torch.equal(compiled(base, *models), ties(base, *models))
 
 
