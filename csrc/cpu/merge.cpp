@@ -67,34 +67,44 @@ PYFUSE_INLINE void store_out(const Config& c, int64_t start, int64_t len, const 
 
 struct Scratch {
   std::vector<float> base, masked, total, acc, q, res;
-  std::vector<uint32_t> flip, keys, order, tmp, rank;
+  std::vector<uint32_t> flip, rank;
+  std::vector<uint64_t> pairs, pairs_tmp;  // row_ranks
   KeepBits keep_bits;  // the current segment's recorded random decisions, if any
   Scratch(int64_t k, int64_t seg)
       : base(seg), masked(k * seg), total(seg), acc(seg), q(seg), res(seg), flip(seg) {}
 };
 
-// Ascending ranks of keys[0, len) with ties to the lower index: LSD radix sort (stable) of the indices.
-void stable_ranks(Scratch& s, int64_t len) {
-  s.order.resize(len);
-  s.tmp.resize(len);
-  s.rank.resize(len);
-  for (int64_t j = 0; j < len; ++j) s.order[j] = static_cast<uint32_t>(j);
-  for (int shift = 0; shift < 31; shift += 8) {  // 8-bit digits: cheap bucket scans for short rows
-    int64_t count[257] = {0};
-    for (int64_t j = 0; j < len; ++j) ++count[((s.keys[j] >> shift) & 255u) + 1];
-    if (count[((s.keys[0] >> shift) & 255u) + 1] == len) continue;  // one digit value: order unchanged
-    for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
-    for (int64_t j = 0; j < len; ++j) s.tmp[count[(s.keys[s.order[j]] >> shift) & 255u]++] = s.order[j];
-    s.order.swap(s.tmp);
-  }
-  for (int64_t p = 0; p < len; ++p) s.rank[s.order[p]] = static_cast<uint32_t>(p);
-}
-
-// DELLA: the ascending ranks of |d[j]| in a row of len (ties to the lower index), in s.rank.
+// DELLA: the ascending ranks of |d[j]| in a row of len (ties to the lower index), in s.rank. LSD radix sort
+// on the magnitude key's four bytes, of (key << 32 | j) pairs: each pass is stable, so equal keys keep index
+// order, and moving the pairs themselves avoids an indirect key load per element and pass. One read of the
+// row builds the pairs and all four digit histograms.
 inline const uint32_t* row_ranks(const float* d, int64_t len, Scratch& s) {
-  s.keys.resize(len);
-  for (int64_t j = 0; j < len; ++j) s.keys[j] = merge::magnitude_key(d[j]);
-  stable_ranks(s, len);
+  s.pairs.resize(len);
+  s.pairs_tmp.resize(len);
+  s.rank.resize(len);
+  uint32_t count[4][256] = {};
+  for (int64_t j = 0; j < len; ++j) {
+    const uint32_t key = merge::magnitude_key(d[j]);
+    s.pairs[j] = static_cast<uint64_t>(key) << 32 | static_cast<uint64_t>(j);
+    for (int digit = 0; digit < 4; ++digit) ++count[digit][(key >> (8 * digit)) & 255u];
+  }
+  for (int digit = 0; digit < 4; ++digit) {
+    const int shift = 32 + 8 * digit;
+    uint32_t* c = count[digit];
+    if (c[(s.pairs[0] >> shift) & 255u] == len) continue;  // one digit value: order unchanged
+    uint32_t next = 0;  // c[b] becomes the first position of digit b
+    for (int b = 0; b < 256; ++b) {
+      const uint32_t n = c[b];
+      c[b] = next;
+      next += n;
+    }
+    for (int64_t j = 0; j < len; ++j) {
+      const uint64_t p = s.pairs[j];
+      s.pairs_tmp[c[(p >> shift) & 255u]++] = p;
+    }
+    s.pairs.swap(s.pairs_tmp);
+  }
+  for (int64_t p = 0; p < len; ++p) s.rank[static_cast<uint32_t>(s.pairs[p])] = static_cast<uint32_t>(p);
   return s.rank.data();
 }
 
@@ -178,7 +188,9 @@ PYFUSE_INLINE void masked_segment(const Config& c, const void* x, const Model& m
     const float p = m.p_keep;
     keep_random_segment(c, mi, start, len, [p](int64_t) { return p; }, s.keep_bits, masked);
   } else if (c.sparsify == merge::kDella) {  // the segment is one row
-    const uint32_t* rank = row_ranks(masked, len, s);
+    // Recorded decisions (rescale "l1") need no ranks: keep_random_segment replays them.
+    const bool replay = s.keep_bits.words != nullptr && s.keep_bits.replay;
+    const uint32_t* rank = replay ? nullptr : row_ranks(masked, len, s);
     keep_random_segment(
         c, mi, start, len, [&m, rank, len](int64_t j) { return merge::della_prob(m, rank[j], len); }, s.keep_bits,
         masked);
