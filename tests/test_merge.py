@@ -230,6 +230,20 @@ def test_cpu_avx512_l1_random_path(dtype, avx512):
                 assert torch.equal(got, want), (n, density)
 
 
+@pytest.mark.parametrize("cols", [61, 2500])
+def test_cpu_della_ranks_with_ties(cols):
+    """DELLA's row ranks (ties to the lower index) on the CPU: radix digits of 8 bits for short rows and 11
+    bits from 2048 columns; deltas on a coarse grid put hundreds of equal magnitudes in each row, so a
+    different tie order changes the keep probabilities and with them the result."""
+    g = torch.Generator().manual_seed(8)
+    base = torch.randn(3, cols, generator=g)
+    models = [base + torch.randint(-6, 7, (3, cols), generator=g).float() / 4 for _ in range(2)]
+    for rescale in ("none", "l1"):
+        got, want = both("cpu", base, models, sparsify="della", density=0.5, epsilon=0.4, rescale=rescale,
+                         consensus="sum")
+        assert torch.equal(got, want), rescale
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cpu_16bit_conversions_every_value(dtype):
     """The CPU kernels convert 16-bit floats with branch-free code (so that the loops vectorize): every

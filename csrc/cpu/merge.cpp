@@ -69,43 +69,53 @@ struct Scratch {
   std::vector<float> base, masked, total, acc, q, res;
   std::vector<uint32_t> flip, rank;
   std::vector<uint64_t> pairs, pairs_tmp;  // row_ranks
+  std::vector<uint32_t> rank_counts;
   KeepBits keep_bits;  // the current segment's recorded random decisions, if any
   Scratch(int64_t k, int64_t seg)
       : base(seg), masked(k * seg), total(seg), acc(seg), q(seg), res(seg), flip(seg) {}
 };
 
 // DELLA: the ascending ranks of |d[j]| in a row of len (ties to the lower index), in s.rank. LSD radix sort
-// on the magnitude key's four bytes, of (key << 32 | j) pairs: each pass is stable, so equal keys keep index
-// order, and moving the pairs themselves avoids an indirect key load per element and pass. One read of the
-// row builds the pairs and all four digit histograms.
-inline const uint32_t* row_ranks(const float* d, int64_t len, Scratch& s) {
+// of (key << 32 | j) pairs on the 31-bit magnitude key, kBits per digit: each pass is stable, so equal keys
+// keep index order, and moving the pairs themselves avoids an indirect key load per element and pass. One
+// read of the row builds the pairs and every digit's histogram.
+template <int kBits>
+const uint32_t* row_ranks_radix(const float* d, int64_t len, Scratch& s) {
+  constexpr int kDigits = (31 + kBits - 1) / kBits;
+  constexpr uint32_t kMask = (1u << kBits) - 1u;
   s.pairs.resize(len);
   s.pairs_tmp.resize(len);
   s.rank.resize(len);
-  uint32_t count[4][256] = {};
+  std::vector<uint32_t>& count = s.rank_counts;  // [kDigits][2^kBits]
+  count.assign(kDigits << kBits, 0u);
   for (int64_t j = 0; j < len; ++j) {
     const uint32_t key = merge::magnitude_key(d[j]);
     s.pairs[j] = static_cast<uint64_t>(key) << 32 | static_cast<uint64_t>(j);
-    for (int digit = 0; digit < 4; ++digit) ++count[digit][(key >> (8 * digit)) & 255u];
+    for (int digit = 0; digit < kDigits; ++digit) ++count[(digit << kBits) + ((key >> (kBits * digit)) & kMask)];
   }
-  for (int digit = 0; digit < 4; ++digit) {
-    const int shift = 32 + 8 * digit;
-    uint32_t* c = count[digit];
-    if (c[(s.pairs[0] >> shift) & 255u] == len) continue;  // one digit value: order unchanged
+  for (int digit = 0; digit < kDigits; ++digit) {
+    const int shift = 32 + kBits * digit;
+    uint32_t* c = count.data() + (digit << kBits);
+    if (c[(s.pairs[0] >> shift) & kMask] == len) continue;  // one digit value: order unchanged
     uint32_t next = 0;  // c[b] becomes the first position of digit b
-    for (int b = 0; b < 256; ++b) {
+    for (uint32_t b = 0; b <= kMask; ++b) {
       const uint32_t n = c[b];
       c[b] = next;
       next += n;
     }
     for (int64_t j = 0; j < len; ++j) {
       const uint64_t p = s.pairs[j];
-      s.pairs_tmp[c[(p >> shift) & 255u]++] = p;
+      s.pairs_tmp[c[(p >> shift) & kMask]++] = p;
     }
     s.pairs.swap(s.pairs_tmp);
   }
   for (int64_t p = 0; p < len; ++p) s.rank[static_cast<uint32_t>(s.pairs[p])] = static_cast<uint32_t>(p);
   return s.rank.data();
+}
+
+// Three 11-bit digits for long rows, four 8-bit ones where the bigger histograms' scans would dominate.
+inline const uint32_t* row_ranks(const float* d, int64_t len, Scratch& s) {
+  return len >= 2048 ? row_ranks_radix<11>(d, len, s) : row_ranks_radix<8>(d, len, s);
 }
 
 // masked[j] = select(masked[j], bit j of bits) for j < len, 32 bits at a time (a variable shift per lane).
