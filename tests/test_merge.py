@@ -74,6 +74,22 @@ def test_knobs_match_reference(backend, device, combo):
     assert_close(got, want)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cpu_linear_merges_exact(dtype):
+    """Linear merges (no sparsification, election or agreement divisor) take a one-sweep path on the CPU for
+    1 to 4 models with a base, and per-model sweeps otherwise (5 models, no base): both give the reference's
+    bits, with negative weights, lam, the all-weight divisor, another output dtype and a tail (n = 1000 + 7)."""
+    g = torch.Generator().manual_seed(21)
+    base = torch.randn(1007, generator=g).to(dtype)
+    models = [(base.float() + 0.1 * torch.randn(1007, generator=g)).to(dtype) for _ in range(5)]
+    for k in range(1, 6):
+        weights = [0.7, -0.4, 1.3, 0.2, 0.9][:k]
+        for b in (base, None):
+            for kw in (dict(), dict(normalize="all_weight", lam=0.7), dict(out_dtype=torch.float32)):
+                got, want = both("cpu", b, models[:k], weights, **kw)
+                assert torch.equal(got, want), (k, b is None, kw)
+
+
 @pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 8, 33])
 def test_model_counts(backend, device, k):

@@ -353,8 +353,35 @@ PYFUSE_INLINE void fused_body(const Config& c, const void* const* x, const Model
   store_out(c, start, len, res);
 }
 
+// Linear merge of kK = 1..4 models with a base: each element in one step from all inputs (a loop that reads
+// the K + 1 inputs together runs at the machine's bandwidth; one sweep per model over L1 blocks took 1.6x as long).
+template <int32_t kDtype, int kK>
+PYFUSE_INLINE void linear_fixed_k(const Config& c, const void* const* x, const Model* models, int64_t start,
+                                  int64_t len, float q, float* __restrict res) {
+  constexpr int64_t kBlock = 512;
+  const void* xs[kK];
+  float alpha[kK];
+  for (int i = 0; i < kK; ++i) {
+    xs[i] = x[i];
+    alpha[i] = models[i].alpha;
+  }
+  const int32_t normalize = c.normalize;
+  const float lam = c.lam;
+  for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
+    const int64_t cnt = std::min(kBlock, len - j0);
+    for (int64_t j = 0; j < cnt; ++j) {
+      const float b = load<kDtype>(c.base, start + j0 + j);
+      float a = 0.0f;
+      for (int i = 0; i < kK; ++i) a += merge::mul_rn(alpha[i], load<kDtype>(xs[i], start + j0 + j) - b);
+      res[j] = merge::finish(a, q, normalize, lam, b);
+    }
+    store_out(c, start + j0, cnt, res);
+  }
+}
+
 // Linear merges (task arithmetic: no sparsification, no election, no per-element divisor): the same arithmetic
-// as fused_body, element by element in model order, over L1-sized blocks read straight from the inputs.
+// as fused_body, element by element in model order: linear_fixed_k for 1 to 4 models with a base, else over
+// L1-sized blocks, one sweep per model.
 template <int32_t kDtype>
 PYFUSE_INLINE void linear_body(const Config& c, const void* const* x, const Model* models, int64_t start, int64_t len,
                                Scratch& s) {
@@ -364,6 +391,15 @@ PYFUSE_INLINE void linear_body(const Config& c, const void* const* x, const Mode
   float* __restrict res = s.res.data();
   const int32_t normalize = c.normalize;
   const float q = normalize == merge::kAllWeight ? c.all_weight_q : 0.0f, lam = c.lam;
+  if (c.base != nullptr) {
+    switch (c.k) {
+      case 1: return linear_fixed_k<kDtype, 1>(c, x, models, start, len, q, res);
+      case 2: return linear_fixed_k<kDtype, 2>(c, x, models, start, len, q, res);
+      case 3: return linear_fixed_k<kDtype, 3>(c, x, models, start, len, q, res);
+      case 4: return linear_fixed_k<kDtype, 4>(c, x, models, start, len, q, res);
+      default: break;
+    }
+  }
   for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
     const int64_t cnt = std::min(kBlock, len - j0);
     load_base<kDtype>(c, start + j0, cnt, s);
