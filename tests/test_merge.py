@@ -77,8 +77,8 @@ def test_knobs_match_reference(backend, device, combo):
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 def test_cpu_linear_merges_exact(dtype):
     """Linear merges (no sparsification, election or agreement divisor) take a one-sweep path on the CPU for
-    1 to 4 models with a base, and per-model sweeps otherwise (5 models, no base): both give the reference's
-    bits, with negative weights, lam, the all-weight divisor, another output dtype and a tail (n = 1000 + 7)."""
+    1 to 4 models (with a base or task vectors), and per-model sweeps for 5: both give the reference's bits,
+    with negative weights, lam, the all-weight divisor, another output dtype and a tail (n = 1000 + 7)."""
     g = torch.Generator().manual_seed(21)
     base = torch.randn(1007, generator=g).to(dtype)
     models = [(base.float() + 0.1 * torch.randn(1007, generator=g)).to(dtype) for _ in range(5)]

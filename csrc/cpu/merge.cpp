@@ -353,9 +353,10 @@ PYFUSE_INLINE void fused_body(const Config& c, const void* const* x, const Model
   store_out(c, start, len, res);
 }
 
-// Linear merge of kK = 1..4 models with a base: each element in one step from all inputs (a loop that reads
-// the K + 1 inputs together runs at the machine's bandwidth; one sweep per model over L1 blocks took 1.6x as long).
-template <int32_t kDtype, int kK>
+// Linear merge of kK = 1..4 models (with a base, or task vectors: base 0): each element in one step from all
+// inputs (a loop that reads the inputs together runs at the machine's bandwidth; one sweep per model over L1
+// blocks took 1.6x as long).
+template <int32_t kDtype, int kK, bool kBase>
 PYFUSE_INLINE void linear_fixed_k(const Config& c, const void* const* x, const Model* models, int64_t start,
                                   int64_t len, float q, float* __restrict res) {
   constexpr int64_t kBlock = 512;
@@ -370,7 +371,7 @@ PYFUSE_INLINE void linear_fixed_k(const Config& c, const void* const* x, const M
   for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
     const int64_t cnt = std::min(kBlock, len - j0);
     for (int64_t j = 0; j < cnt; ++j) {
-      const float b = load<kDtype>(c.base, start + j0 + j);
+      const float b = kBase ? load<kDtype>(c.base, start + j0 + j) : 0.0f;
       float a = 0.0f;
       for (int i = 0; i < kK; ++i) a += merge::mul_rn(alpha[i], load<kDtype>(xs[i], start + j0 + j) - b);
       res[j] = merge::finish(a, q, normalize, lam, b);
@@ -379,9 +380,16 @@ PYFUSE_INLINE void linear_fixed_k(const Config& c, const void* const* x, const M
   }
 }
 
+template <int32_t kDtype, int kK>
+PYFUSE_INLINE void linear_k(const Config& c, const void* const* x, const Model* models, int64_t start, int64_t len,
+                            float q, float* res) {
+  if (c.base != nullptr) return linear_fixed_k<kDtype, kK, true>(c, x, models, start, len, q, res);
+  linear_fixed_k<kDtype, kK, false>(c, x, models, start, len, q, res);
+}
+
 // Linear merges (task arithmetic: no sparsification, no election, no per-element divisor): the same arithmetic
-// as fused_body, element by element in model order: linear_fixed_k for 1 to 4 models with a base, else over
-// L1-sized blocks, one sweep per model.
+// as fused_body, element by element in model order: linear_fixed_k for 1 to 4 models, else over L1-sized blocks,
+// one sweep per model.
 template <int32_t kDtype>
 PYFUSE_INLINE void linear_body(const Config& c, const void* const* x, const Model* models, int64_t start, int64_t len,
                                Scratch& s) {
@@ -391,14 +399,12 @@ PYFUSE_INLINE void linear_body(const Config& c, const void* const* x, const Mode
   float* __restrict res = s.res.data();
   const int32_t normalize = c.normalize;
   const float q = normalize == merge::kAllWeight ? c.all_weight_q : 0.0f, lam = c.lam;
-  if (c.base != nullptr) {
-    switch (c.k) {
-      case 1: return linear_fixed_k<kDtype, 1>(c, x, models, start, len, q, res);
-      case 2: return linear_fixed_k<kDtype, 2>(c, x, models, start, len, q, res);
-      case 3: return linear_fixed_k<kDtype, 3>(c, x, models, start, len, q, res);
-      case 4: return linear_fixed_k<kDtype, 4>(c, x, models, start, len, q, res);
-      default: break;
-    }
+  switch (c.k) {
+    case 1: return linear_k<kDtype, 1>(c, x, models, start, len, q, res);
+    case 2: return linear_k<kDtype, 2>(c, x, models, start, len, q, res);
+    case 3: return linear_k<kDtype, 3>(c, x, models, start, len, q, res);
+    case 4: return linear_k<kDtype, 4>(c, x, models, start, len, q, res);
+    default: break;
   }
   for (int64_t j0 = 0; j0 < len; j0 += kBlock) {
     const int64_t cnt = std::min(kBlock, len - j0);
@@ -704,7 +710,8 @@ void band_portable(const void* x, const void* base, int64_t begin, int64_t len, 
 template <int32_t kDtype>
 void band_avx512(const void* x, const void* base, int64_t begin, int64_t len, int64_t cbegin, const BandSpec& sp,
                  BandCandidates& c, BandCounts& counts) {
-  const __m512i lo_v = _mm512_set1_epi32(static_cast<int32_t>(sp.lo)), hi_v = _mm512_set1_epi32(static_cast<int32_t>(sp.hi));
+  const __m512i lo_v = _mm512_set1_epi32(static_cast<int32_t>(sp.lo));
+  const __m512i hi_v = _mm512_set1_epi32(static_cast<int32_t>(sp.hi));
   const __m512i h0_v = _mm512_set1_epi32(static_cast<int32_t>(sp.heavy[0]));
   const __m512i h1_v = _mm512_set1_epi32(static_cast<int32_t>(sp.heavy[1]));
   const __m512i abs_v = _mm512_set1_epi32(0x7fffffff), step = _mm512_set1_epi32(16);
