@@ -359,7 +359,7 @@ PYFUSE_INLINE void fused_body(const Config& c, const void* const* x, const Model
 
 // Linear merge of kK = 1..4 models (with a base, or task vectors: base 0): each element in one step from all
 // inputs (a loop that reads the inputs together runs at the machine's bandwidth; one sweep per model over L1
-// blocks took 1.6x as long).
+// blocks took 1.5x as long).
 template <int32_t kDtype, int kK, bool kBase>
 PYFUSE_INLINE void linear_fixed_k(const Config& c, const void* const* x, const Model* models, int64_t start,
                                   int64_t len, float q, float* __restrict res) {
