@@ -618,15 +618,22 @@ struct Work {
   void key_phases(std::vector<Phase>& out, float* keys, bool per_slot, bool scores) {
     const int64_t U = a.union_size, T = grid.tiles;
     if (!scores && !a.logprob && !a.renormalize) {
-      // Plain weighted sums: one model at a time over the row's tiles, so that only that model's exponentials
-      // are gathered from (a smaller random-access set than all models' at once).
-      for (int m = 0; m < a.num_models; ++m) {
-        out.push_back({T, [this, keys, per_slot, U, T, m](int64_t i) {
-                         const int64_t b = i / T, u0 = (i % T) * kTile, n = std::min(kTile, U - u0);
-                         tile_add_model(a, b, row_stats(b), m, exps_of(b, m), u0, n,
-                                        keys + (per_slot ? slot(b) : b) * U + u0);
-                       }});
-      }
+      // Plain weighted sums: one model at a time over a group of the row's tiles, so that only that model's
+      // exponentials are gathered from (a smaller random-access set than all models' at once), while the
+      // group's keys (128 KB) stay in L2 from one model to the next (per model over the whole row: 5-8% slower).
+      constexpr int64_t kGroup = 16;  // tiles
+      const int64_t G = (T + kGroup - 1) / kGroup;
+      out.push_back({G, [this, keys, per_slot, U, T, G](int64_t i) {
+                       const int64_t b = i / G, t0 = (i % G) * kGroup, t1 = std::min(T, t0 + kGroup);
+                       const RowStats st = row_stats(b);
+                       for (int m = 0; m < a.num_models; ++m) {
+                         for (int64_t t = t0; t < t1; ++t) {
+                           const int64_t u0 = t * kTile, n = std::min(kTile, U - u0);
+                           float* key = keys + (per_slot ? slot(b) : b) * U + u0;
+                           tile_add_model(a, b, st, m, exps_of(b, m), u0, n, key);
+                         }
+                       }
+                     }});
       return;
     }
     out.push_back({T, [this, keys, per_slot, scores, U, T](int64_t i) {
