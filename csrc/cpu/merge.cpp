@@ -53,6 +53,8 @@ struct KeepBits {
   uint64_t* words = nullptr;  // this segment's words for model 0; model i at words + i * per_model
   int64_t per_model = 0;
   bool replay = false;
+  // Whether this segment's decisions are replayed from words (no Philox, no keep probabilities needed).
+  bool replaying() const { return words != nullptr && replay; }
 };
 
 // The merged values res[0, len) into the output at element start, in the output dtype.
@@ -160,7 +162,7 @@ PYFUSE_INLINE void keep_random_segment(const Config& c, uint32_t mi, int64_t sta
                                        const KeepBits& kb, float* masked) {
   alignas(64) uint8_t keep[kRun];
   uint64_t* bits = kb.words == nullptr ? nullptr : kb.words + mi * kb.per_model;
-  if (bits != nullptr && kb.replay) return replay_bits(bits, len, masked);
+  if (kb.replaying()) return replay_bits(bits, len, masked);
   for (int64_t j0 = 0; j0 < len; j0 += kRun) {
     const int64_t cnt = std::min(kRun, len - j0);
     keep_run(c, mi, start, j0, cnt, p, bits, keep);
@@ -203,8 +205,7 @@ PYFUSE_INLINE void masked_segment(const Config& c, const void* x, const Model& m
     keep_random_segment(c, mi, start, len, [p](int64_t) { return p; }, s.keep_bits, masked);
   } else if (c.sparsify == merge::kDella) {  // the segment is one row
     // Recorded decisions (rescale "l1") need no ranks: keep_random_segment replays them.
-    const bool replay = s.keep_bits.words != nullptr && s.keep_bits.replay;
-    const uint32_t* rank = replay ? nullptr : row_ranks(masked, len, s);
+    const uint32_t* rank = s.keep_bits.replaying() ? nullptr : row_ranks(masked, len, s);
     keep_random_segment(
         c, mi, start, len, [&m, rank, len](int64_t j) { return merge::della_prob(m, rank[j], len); }, s.keep_bits,
         masked);

@@ -20,7 +20,7 @@ Intended differences from mergekit (see ``pyfuse.merge.presets`` for the shared 
   single elements differ by more than rounding.
 - DELLA ranks are exact in float32 (mergekit holds them in bf16 for bf16 tensors: exact only up to 256).
 - ``int8_mask`` is accepted and has no effect (pyfuse materialises no mask).
-- float64 merges (``dtype: float64``) fall back to mergekit's own implementation, with a warning (once).
+- float64 merges (``dtype: float64``) fall back to mergekit's own implementation, with a warning.
 """
 from __future__ import annotations
 
@@ -51,13 +51,6 @@ _SPARSIFY = {
     SparsificationMethod.della_magprune: "della",
 }
 _originals: dict = {}
-_warned: set = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        warnings.warn(message, stacklevel=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,9 +64,9 @@ class PyfuseTaskArithmeticMerge(GeneralizedTaskArithmeticMerge):
         base = group.base.tensor
         entries = group.non_base
         if not entries or base.dtype not in FLOAT_DTYPES:
-            if entries:  # said, not silent: these tensors run at mergekit's own speed
-                _warn_once(f"pyfuse: {base.dtype} tensors are merged by mergekit's own implementation (pyfuse's "
-                           f"kernels take float32, float16 and bfloat16)")
+            if entries:  # said, not silent (shown once per dtype: Python's default warning filter)
+                warnings.warn(f"pyfuse: {base.dtype} tensors are merged by mergekit's own implementation (pyfuse's "
+                              f"kernels take float32, float16 and bfloat16)", stacklevel=2)
             return super().merge_group(group, **parameters)
         sparsify = _SPARSIFY[self.sparsification_method]
         # mergekit reads density >= 1 as "keep all" and gamma >= 1 like 1, density <= 0 as "keep nothing"
