@@ -171,6 +171,36 @@ def test_cpu_avx512_paths_bit_identical(dtype, avx512):
 
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
+@pytest.mark.parametrize("dense", [True, False], ids=["all-mapped", "unmapped-ids"])
+def test_cpu_max_pass_blocks(avx512, dense):
+    """The CPU max pass (blocks of 256 ids, a block rescanned for the lowest id of its max; the map not read in
+    a chunk where every id is mapped) gives the reference's bits: ties at the max in different blocks, in one
+    block and across the 32768-id chunks, a max in a chunk's tail, rising maxima, a row of -inf, and (when not
+    dense) the largest logits on unmapped ids."""
+    vmap = synthetic_map((40000, 3000), overlap=0.5, many_to_one=0.03, padding=0, seed=4)
+    if not dense:
+        for m, ids in ((0, [7, 4000, 33000, 39990]), (1, [11, 2999])):
+            vmap.to_union[m][ids] = -1
+    logits = make_logits(vmap, 7, torch.float32, "cpu", seed=11)
+    x = logits[0]
+    top = x.max() + 1.0
+    x[0, 300] = x[0, 5000] = top                   # tie in different blocks: id 300
+    x[1, 601] = x[1, 600] = x[1, 100] = top        # tie in one block, and an earlier one
+    x[2, 39999] = top                              # the second chunk's tail (7232 = 28 * 256 + 64)
+    x[3] = float("-inf")
+    x[4] = torch.linspace(-5.0, 5.0, 40000)        # every block beats the last
+    x[5, 32768 + 1000] = x[5, 20] = top            # tie across chunks
+    for row, col in ((0, 7), (1, 4000), (2, 33000), (6, 39990)):
+        x[row, col] = top + 10.0                   # largest, but unmapped when not dense
+    logits[1][6, 11] = logits[1][6].max() + 5.0
+    with cpu_avx512_paths(avx512) as used:
+        if avx512 and not used:
+            pytest.skip("this CPU has no AVX-512")
+        for mode, absent in MODES:
+            assert_bit_identical(logits, vmap, torch.tensor([0.6, 0.4]), [1.0, 0.9], mode, absent, "cpu", 4)
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
 def test_cpu_greedy_candidates_recorded_or_screened(avx512):
     """Greedy next_token's candidates: recorded by the AVX-512 exponential pass (ids within a bound of the max)
     or screened from the row: the reference's ids and probabilities for 1 to 4 models, with logits so large that
