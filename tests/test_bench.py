@@ -165,6 +165,24 @@ def test_time_call_repetitions():
     assert t.reps == 1
 
 
+def test_time_interleaved_alternates_rounds():
+    calls = []
+
+    def provider(name):
+        return lambda: calls.append(name)
+
+    def broken():
+        raise RuntimeError("no kernel")
+
+    fns = {"a": provider("a"), "b": provider("b"), "broken": broken}
+    # A zero budget: one timed call per provider and round (after one warm-up in the first round), alternating.
+    timings, errors = measure.time_interleaved(fns, "cpu", budget_s=0.0, min_reps=6, rounds=3)
+    assert set(timings) == {"a", "b"} and isinstance(errors["broken"], RuntimeError)
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 2
+    for t in timings.values():
+        assert t.reps == 3 == len(t.times) and t.min_s == min(t.times) and t.peak_extra_bytes is None
+
+
 def test_backend_providers_list_every_backend():
     providers, skipped = registry.backend_providers("cpu", lambda b: lambda: b)
     assert set(providers) | set(skipped) == {"pyfuse:cpu", "pyfuse:cuda", "pyfuse:triton"}
@@ -179,7 +197,8 @@ def test_cli_bench(fake_family, tmp_path, capsys):
     assert cli.main(["bench", "--quick", "--family", "fake", "--device", "cpu", "--json", str(path)]) == 0
     out, err = capsys.readouterr()
     assert "fake/double[n=1000 float32]" in out and f"wrote {path}" in out
-    assert "[pyfuse bench] fake/double[n=1000 float32] pyfuse:cpu" in err  # progress (stderr is no terminal)
+    # progress (stderr is no terminal): the case and its providers, timed in alternating rounds
+    assert "[pyfuse bench] fake/double[n=1000 float32] (pyfuse:cpu, " in err
     assert json.loads(path.read_text())["results"]
 
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "cpu/avx512_paths.h"
+#include "cpu/scratch.h"
 #include "pyfuse/ensemble.h"
 
 namespace pyfuse {
@@ -588,9 +589,9 @@ struct Work {
   std::vector<int64_t> targ, tsum;
   RowKeys rk;
   // Exponential rows (float32, sum of V_m per slot): one slot per thread with whole rows per thread, else
-  // one per row; none when only the statistics are needed.
+  // one per row; none when only the statistics are needed. Every id's value is written before it is read.
   int64_t slot_size = 0, model_off[ensemble::kMaxModels] = {};
-  std::vector<float> exps;
+  float* exps = nullptr;  // scratch slot 0
   // Greedy "prob"/"zero" next_token on the AVX-512 path: per statistics item, the ids near the row's max
   // (NearIds); empty when not recorded.
   std::vector<std::vector<int32_t>> near;
@@ -612,7 +613,7 @@ struct Work {
       model_off[m] = slot_size;
       slot_size += a.vocab[m];
     }
-    if (store_exps) exps.resize(slot_size * slots());
+    if (store_exps) exps = scratch_floats(0, slot_size * slots());
     rk.kmax.resize(a.batch);
     rk.inv_z.resize(a.batch);
     rk.best.resize(a.batch);
@@ -633,8 +634,8 @@ struct Work {
   }
 
   float* exps_of(int64_t b, int m) {
-    if (exps.empty()) return nullptr;
-    return exps.data() + slot(b) * slot_size + model_off[m];
+    if (exps == nullptr) return nullptr;
+    return exps + slot(b) * slot_size + model_off[m];
   }
 
   // Per-call scratch rows: one per thread when threads take whole rows, else one per row.
@@ -788,10 +789,10 @@ void next_token(const Args& a, bool greedy, uint64_t seed, uint32_t stream, int6
   const bool fast = greedy && !normalize;
   Work w(a, !fast);
   if (fast && avx512_paths_usable()) w.record_near();
-  std::vector<float> score(fast ? 0 : static_cast<size_t>(w.slots()) * U);
+  float* score = fast ? nullptr : scratch_floats(1, static_cast<size_t>(w.slots()) * U);  // written before read
   std::vector<Phase> phases;
   w.stats_phases(phases);
-  if (!fast) w.key_phases(phases, score.data(), true, true);
+  if (!fast) w.key_phases(phases, score, true, true);
   phases.push_back({1, [&](int64_t b) {
                       int64_t chosen = -1;
                       float p = 0.0f;
@@ -803,7 +804,7 @@ void next_token(const Args& a, bool greedy, uint64_t seed, uint32_t stream, int6
                         for (int m = 0; m < a.num_models; ++m) w.near_of(b, m, st.mx[m], &near[m], &chunks[m]);
                         chosen = greedy_prob_zero(a, b, st, near, chunks, cand, &p);
                       } else {
-                        const float* r = score.data() + w.slot(b) * U;
+                        const float* r = score + w.slot(b) * U;
                         const float inv_z = normalize ? w.rk.inv_z[b] : 1.0f;
                         if (greedy) {
                           const bool no_key = a.logprob ? !(w.rk.kmax[b] > kNegInf) : !(w.rk.kmax[b] > 0.0f);

@@ -35,6 +35,7 @@ class Timing:
     min_s: float
     reps: int
     peak_extra_bytes: int | None = None  # None: not asked for, or not measurable here
+    times: tuple = ()  # every timed call, in seconds
 
 
 def _sync(device: torch.device) -> None:
@@ -56,17 +57,20 @@ def _timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def time_call(fn: Callable[[], object], device, budget_s: float, min_reps: int = 5, max_reps: int = 1000,
-              memory: bool = False) -> Timing:
-    """Warm up once, then time calls until `budget_s` is spent (at least `min_reps` unless slow), median.
+              memory: bool = False, warm_up: bool = True) -> Timing:
+    """Warm up once (unless `warm_up` is False), then time calls until `budget_s` is spent (at least `min_reps`
+    unless slow), median.
 
     A call slower than the budget is still timed, but stops the loop at twice the budget, so slow peers
     cost a few calls rather than `min_reps` of them. `memory=True` also measures `peak_extra_bytes`.
     """
     device = torch.device(device)
-    t0 = time.perf_counter()
-    fn()  # warm-up: lazy init, torch.compile, allocator and caches
-    _sync(device)
-    slow = time.perf_counter() - t0 >= SLOW_S
+    slow = True  # without a warm-up call, memory is measured during the first timed call
+    if warm_up:
+        t0 = time.perf_counter()
+        fn()  # lazy init, torch.compile, allocator and caches
+        _sync(device)
+        slow = time.perf_counter() - t0 >= SLOW_S
     peak, times = None, []
     if memory and slow:
         peak, t = _peak_and_time(fn, device)
@@ -79,7 +83,37 @@ def time_call(fn: Callable[[], object], device, budget_s: float, min_reps: int =
         spent += times[-1]
     if memory and not slow:
         peak, _ = _peak_and_time(fn, device)
-    return Timing(statistics.median(times), min(times), len(times), peak)
+    return Timing(statistics.median(times), min(times), len(times), peak, tuple(times))
+
+
+def time_interleaved(fns: dict[str, Callable[[], object]], device, budget_s: float, min_reps: int = 5,
+                     rounds: int = 3, memory: bool = False) -> tuple[dict[str, Timing], dict[str, Exception]]:
+    """Times several providers of one case in `rounds` alternating rounds (A B C, A B C, ...), each round with
+    1/rounds of the budget and of min_reps, and takes each provider's median over all its calls: on a shared,
+    noisy machine a burst of load then slows every provider's calls alike instead of one provider's whole
+    budget (one case's speed-up moved by up to 1.5x between runs on the 2-core reference VM). Memory is
+    measured in the first round.
+    Returns the timings and, per provider that raised, its exception (that provider is dropped)."""
+    times: dict[str, list] = {}
+    peaks: dict[str, int | None] = {}
+    errors: dict[str, Exception] = {}
+    reps = -(-min_reps // rounds)
+    for r in range(rounds):
+        for name, fn in fns.items():
+            if name in errors:
+                continue
+            try:
+                t = time_call(fn, device, budget_s / rounds, reps, memory=memory and r == 0, warm_up=r == 0)
+            except Exception as e:  # noqa: BLE001 - handed back to the caller, which reports it
+                errors[name] = e
+                times.pop(name, None)
+                continue
+            times.setdefault(name, []).extend(t.times)
+            if r == 0:
+                peaks[name] = t.peak_extra_bytes
+    timings = {name: Timing(statistics.median(ts), min(ts), len(ts), peaks[name], tuple(ts))
+               for name, ts in times.items()}
+    return timings, errors
 
 
 def copy_bandwidth(device, nbytes: int = 256 << 20, reps: int = 7) -> dict:

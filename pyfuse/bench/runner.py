@@ -88,14 +88,12 @@ def _cpu_model() -> str:
 def _run_case(case: BenchCase, device, settings: dict, copy_gbps: float, report: BenchReport, step) -> None:
     for provider, reason in case.skipped.items():
         report.skipped.append(Skip(case.name, provider, reason))
-    timings: dict[str, measure.Timing] = {}
-    for provider, fn in case.providers.items():
-        step(f"{case.name} {provider}")
-        try:
-            timings[provider] = measure.time_call(fn, device, memory=True, **settings)
-        except BackendError as e:  # op has no kernel for this backend
+    step(f"{case.name} ({', '.join(case.providers)})")
+    timings, errors = measure.time_interleaved(case.providers, device, memory=True, **settings)
+    for provider, e in errors.items():
+        if isinstance(e, BackendError):  # op has no kernel for this backend
             report.skipped.append(Skip(case.name, provider, str(e)))
-        except Exception as e:  # reported, so one broken provider does not hide the others
+        else:  # reported, so one broken provider does not hide the others
             report.skipped.append(Skip(case.name, provider, f"{type(e).__name__}: {e}", failed=True))
     for provider, t in timings.items():
         gbps = case.bytes_floor / t.median_s / 1e9
