@@ -2,12 +2,16 @@
 
 Peers (same logits, same map, mode "prob", absent "zero", equal weights, temperature 1):
 
-* ``torch.index_add``: per-model ``softmax`` over the valid ids, ``index_add_`` into a ``[B, U + 1]`` buffer
-  (ignored ids land in the extra column), the way GaC-style code is written without sparse tensors.
+* ``torch.scatter_add``: per-model ``softmax`` over the valid ids, ``scatter_add_`` along dim 1 into a
+  ``[B, U + 1]`` buffer (ignored ids land in the extra column). The fastest plain-torch formulation measured
+  here: on the 2-core reference machine (B=64, 151936 + 128256 ids) ~105 ms, against ~150 ms for ``index_add_``
+  along dim 0 of a transposed buffer and ~260 ms for ``index_add_`` along dim 1.
+* ``torch.index_add``: the same with ``index_add_`` along dim 1, the way GaC-style code is written without
+  sparse tensors (a column add per model id, strided over the rows: 2.5x slower than ``scatter_add_``).
 * ``torch.sparse.mm``: GaC's formulation, each model's probabilities times a sparse ``[V_m, U]`` 0/1 mapping
   matrix (``torch.sparse.mm(S_m^T, P_m^T)^T``), summed.
-* For ``next_token`` the same two followed by ``argmax``; for ``union_topk`` a plain-torch UniTE (per-model
-  ``topk``, candidate gather, renormalise, combine).
+* For ``next_token`` the same three followed by ``argmax``; for ``union_topk`` a plain-torch UniTE (per-model
+  ``topk``, candidate gather from each model's probabilities scattered into the union, renormalise, combine).
 
 Maps are synthetic (``pyfuse.ensemble.synthetic_map``): 70% of each later model's ids shared with the union,
 2% many-to-one, 64 padded ids per model.
@@ -43,6 +47,12 @@ class _TorchPeers:
     def probs(self, logits):
         return [torch.softmax(x.float().masked_fill(~v, float("-inf")), dim=1) for x, v in zip(logits, self.valid)]
 
+    def scatter_add(self, logits):
+        out = torch.zeros(logits[0].shape[0], self.U + 1, device=logits[0].device)
+        for p, i in zip(self.probs(logits), self.index):
+            out.scatter_add_(1, i.expand(p.shape[0], -1), p / self.M)
+        return out[:, :self.U]
+
     def index_add(self, logits):
         out = torch.zeros(logits[0].shape[0], self.U + 1, device=logits[0].device)
         for p, i in zip(self.probs(logits), self.index):
@@ -63,7 +73,7 @@ class _TorchPeers:
                            for p, i in zip(probs, self.index)], dim=1)
         mix = 0
         for p, i in zip(probs, self.index):
-            dense = torch.zeros(p.shape[0], self.U + 1, device=p.device).index_add_(1, i, p)
+            dense = torch.zeros(p.shape[0], self.U + 1, device=p.device).scatter_add_(1, i.expand(p.shape[0], -1), p)
             g = dense.gather(1, cands)
             mix = mix + g / g.sum(dim=1, keepdim=True) / self.M
         best = torch.topk(mix, k, dim=1)
@@ -83,10 +93,12 @@ def cases(device, quick):
         params = f"{vocab} V={'+'.join(map(str, VOCABS[vocab]))} U={vmap.union_size} B={batch} float32"
         for op, make, torch_peers, floor in (
             ("union_probs", lambda b: lambda: union_probs(logits, vmap, backend=b),
-             {"torch.index_add": lambda: peers.index_add(logits), "torch.sparse.mm": lambda: peers.sparse_mm(logits)},
+             {"torch.scatter_add": lambda: peers.scatter_add(logits), "torch.index_add": lambda: peers.index_add(logits),
+              "torch.sparse.mm": lambda: peers.sparse_mm(logits)},
              read + batch * vmap.union_size * 4),
             ("next_token", lambda b: lambda: next_token(logits, vmap, backend=b),
-             {"torch.index_add": lambda: peers.index_add(logits).argmax(dim=1),
+             {"torch.scatter_add": lambda: peers.scatter_add(logits).argmax(dim=1),
+              "torch.index_add": lambda: peers.index_add(logits).argmax(dim=1),
               "torch.sparse.mm": lambda: peers.sparse_mm(logits).argmax(dim=1)}, read),
             ("union_topk", lambda b: lambda: union_topk(logits, vmap, TOPK, backend=b),
              {"torch.unite": lambda: peers.unite(logits, TOPK)}, read),
