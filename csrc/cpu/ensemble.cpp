@@ -429,7 +429,6 @@ struct Phase {
 // write their own outputs and phases reduce with max / integer sums, so both give the same bits.
 bool row_mode(int64_t batch) { return batch >= omp_get_max_threads(); }
 
-//
 // In row mode a thread claims its next row before it works on the current one (rows are still handed out
 // dynamically, in order), so a phase can fetch ahead from the next row: ahead_row() (-1: none, or split mode).
 thread_local int64_t t_ahead_row = -1;
