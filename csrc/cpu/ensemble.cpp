@@ -131,7 +131,7 @@ int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64
   int64_t v = v0;
   for (; v + 16 <= v1; v += 16) {
     if (ahead != nullptr) _mm_prefetch(ahead + v * dtype_size(DT), _MM_HINT_T1);
-    __m512 z = _mm512_sub_ps(_mm512_mul_ps(load16<DT>(x, v), t_v), mx_v);
+    const __m512 z = _mm512_sub_ps(_mm512_mul_ps(load16<DT>(x, v), t_v), mx_v);
     const __mmask16 valid =
         kDense ? __mmask16{0xFFFF} : _mm512_cmpge_epi32_mask(_mm512_loadu_si512(fwd + v), _mm512_setzero_si512());
     const __mmask16 ok = _mm512_cmp_ps_mask(z, lo, _CMP_GE_OQ) & valid;
@@ -140,7 +140,7 @@ int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64
         near.ids->push_back(static_cast<int32_t>(v + __builtin_ctz(hit)));
       }
     }
-    z = _mm512_maskz_mov_ps(ok, z);  // exp_det's select(ok, z, 0): masked lanes are dropped at the end anyway
+    // exp_det's select(ok, z, 0) is left out: the lanes it would change are zeroed at the end.
     const __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(z, log2e), half),
                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
     __m512 r = _mm512_sub_ps(z, _mm512_mul_ps(n, c1));
