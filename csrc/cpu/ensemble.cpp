@@ -430,9 +430,8 @@ struct Phase {
 bool row_mode(int64_t batch) { return batch >= omp_get_max_threads(); }
 
 // In row mode a thread claims its next row before it works on the current one (rows are still handed out
-// dynamically, in order), so a phase can fetch ahead from the next row: ahead_row() (-1: none, or split mode).
+// dynamically, in order), so a phase can fetch ahead from the next row: t_ahead_row (-1: none, or split mode).
 thread_local int64_t t_ahead_row = -1;
-int64_t ahead_row() { return t_ahead_row; }
 
 void run(int64_t batch, const std::vector<Phase>& phases) {
   if (row_mode(batch)) {
@@ -691,8 +690,8 @@ struct Work {
                        near[i].clear();
                        rec = {near_z_min(a, m), &near[i]};
                      }
-                     const int64_t ahead = ahead_row();
-                     const char* pf = ahead < 0 ? nullptr : static_cast<const char*>(row_ptr(a, m, ahead));
+                     const char* pf =
+                         t_ahead_row < 0 ? nullptr : static_cast<const char*>(row_ptr(a, m, t_ahead_row));
                      psum[i] = chunk_expsum(a.dtype, row_ptr(a, m, b), a.to_union[m], v0, v1,
                                             dense[i % grid.chunks_per_row], a.inv_temp[m], mx, exps_of(b, m), rec, pf);
                    }});

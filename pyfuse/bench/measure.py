@@ -65,14 +65,15 @@ def time_call(fn: Callable[[], object], device, budget_s: float, min_reps: int =
     cost a few calls rather than `min_reps` of them. `memory=True` also measures `peak_extra_bytes`.
     """
     device = torch.device(device)
-    slow = True  # without a warm-up call, memory is measured during the first timed call
+    # Memory is measured during the first timed call for slow calls and without a warm-up, else in one more call.
+    memory_in_timed_call = True
     if warm_up:
         t0 = time.perf_counter()
         fn()  # lazy init, torch.compile, allocator and caches
         _sync(device)
-        slow = time.perf_counter() - t0 >= SLOW_S
+        memory_in_timed_call = time.perf_counter() - t0 >= SLOW_S
     peak, times = None, []
-    if memory and slow:
+    if memory and memory_in_timed_call:
         peak, t = _peak_and_time(fn, device)
         times.append(t)
     spent = sum(times)
@@ -81,7 +82,7 @@ def time_call(fn: Callable[[], object], device, budget_s: float, min_reps: int =
             break
         times.append(_timed(fn, device))
         spent += times[-1]
-    if memory and not slow:
+    if memory and not memory_in_timed_call:
         peak, _ = _peak_and_time(fn, device)
     return Timing(statistics.median(times), min(times), len(times), peak, tuple(times))
 
