@@ -204,8 +204,9 @@ def test_cpu_max_pass_blocks(avx512, dense):
 def test_cpu_greedy_candidates_recorded_or_screened(avx512):
     """Greedy next_token's candidates: recorded by the AVX-512 exponential pass (ids within a bound of the max)
     or screened from the row: the reference's ids and probabilities for 1 to 4 models, with logits so large that
-    recording is skipped (|max| >= 16384), flat rows (every id near the max), a near-tie between models, and
-    temperatures."""
+    recording is skipped (|max| >= 16384), flat rows (every id near the max), a near-tie between models, peaked
+    rows (most 16-id vectors wholly below z = -28, where the AVX-512 sum skips the exponentials, next to
+    vectors that straddle it), and temperatures."""
     vocab = (700, 513, 389, 64)
     with cpu_avx512_paths(avx512) as used:
         if avx512 and not used:
@@ -218,6 +219,8 @@ def test_cpu_greedy_candidates_recorded_or_screened(avx512):
             for x in logits:
                 x[2] = 0.5                            # flat: every valid id is near the max
                 x[3] = x[3] / 8                       # many ids within the bound
+                x[4] = x[4] * 12                      # peaked: z from 0 down to ~-200
+                x[5, ::3] -= 60.0                     # every vector straddles z = -28
             weights = torch.rand(6, M, generator=torch.Generator().manual_seed(M))
             temps = [0.7 + 0.2 * m for m in range(M)]
             for w in (weights, None):
@@ -225,6 +228,27 @@ def test_cpu_greedy_candidates_recorded_or_screened(avx512):
                 want = next_token(logits, vmap, w, temperature=temps, backend="reference")
                 for g, e in zip(got, want):
                     assert torch.equal(g, e), (M, avx512)
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
+def test_cpu_greedy_sum_of_small_terms(avx512):
+    """Greedy next_token's probability is e_top / S with S the fixed-point sum of every exponential, including
+    terms of a few units of 2^-40 (z = -25: 15 units each; 40000 of them move fp32(S) by ~4 ulps). The AVX-512
+    pass skips only vectors wholly below z = -28 (terms of 0): the reference's bits. A cut-off at -24 fails."""
+    vmap = synthetic_map((40000,), overlap=1.0, many_to_one=0.0, padding=0, seed=2)
+    x = torch.full((4, 40000), -25.0)
+    x[:, 123] = 0.0
+    x[1, 16:20000] = -29.0     # whole vectors below -28, then vectors of -25
+    x[2, ::2] = -27.9          # half the lanes just above the floor: terms of 1 unit
+    x[3, 1::16] = -40.0        # one lane per vector below the floor
+    with cpu_avx512_paths(avx512) as used:
+        if avx512 and not used:
+            pytest.skip("this CPU has no AVX-512")
+        got = next_token([x], vmap, backend="cpu")
+    want = next_token([x], vmap, backend="reference")
+    for g, e in zip(got, want):
+        assert torch.equal(g, e)
+    assert not torch.equal(want.prob[0], torch.tensor(1.0))  # the small terms are visible in S
 
 
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)

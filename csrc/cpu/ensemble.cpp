@@ -120,7 +120,10 @@ template <int DT, bool kDense>
 int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx,
                             float* e, NearIds near, const char* ahead) {
   const __m512 near_v = _mm512_set1_ps(near.z_min);
-  const __m512 t_v = _mm512_set1_ps(inv_t), mx_v = _mm512_set1_ps(mx), lo = _mm512_set1_ps(-87.0f);
+  // Without e only the fixed-point sum is wanted, and exp_det(z) < 2^-40 (a term of 0) for z < -28, so such
+  // lanes count as 0 and a vector of them skips the arithmetic: the same sum, and real (peaked) logits have
+  // most of a vocabulary there. With e, exp_det's own cut-off -87.
+  const __m512 t_v = _mm512_set1_ps(inv_t), mx_v = _mm512_set1_ps(mx), lo = _mm512_set1_ps(e ? -87.0f : -28.0f);
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), half = _mm512_set1_ps(0.5f);
   const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
   const __m512 p0 = _mm512_set1_ps(1.9875691500e-4f), p1 = _mm512_set1_ps(1.3981999507e-3f);
@@ -140,6 +143,7 @@ int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64
         near.ids->push_back(static_cast<int32_t>(v + __builtin_ctz(hit)));
       }
     }
+    if (e == nullptr && ok == 0) continue;
     // exp_det's select(ok, z, 0) is left out: the lanes it would change are zeroed at the end.
     const __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(z, log2e), half),
                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
