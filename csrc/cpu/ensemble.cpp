@@ -318,13 +318,57 @@ void tile_exps(const Args& a, int m, const float* e, int64_t u0, int64_t n, floa
   }
 }
 
+// key[i] = (first ? 0 + : key[i] +) w * (e[first_id[i]] * inv_s), 0 for first_id[i] < 0: gather_avx512 and
+// add_prob in one pass, without the tile of gathered values in between.
+__attribute__((target("avx512f"))) void gather_add_prob_avx512(const float* e, const int32_t* first_id, int64_t n,
+                                                               float w, float inv_s, bool first, float* key) {
+  const __m512 w_v = _mm512_set1_ps(w), inv_v = _mm512_set1_ps(inv_s);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i idx = _mm512_loadu_si512(first_id + i);
+    const __mmask16 has = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
+    const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), has, idx, e, 4);
+    const __m512 t = _mm512_mul_ps(w_v, _mm512_mul_ps(g, inv_v));
+    _mm512_storeu_ps(key + i, first ? t : _mm512_add_ps(_mm512_loadu_ps(key + i), t));
+  }
+  for (; i < n; ++i) {
+    const float t = w * ((first_id[i] >= 0 ? e[first_id[i]] : 0.0f) * inv_s);
+    key[i] = first ? t : key[i] + t;
+  }
+}
+
 // Mode "prob" + absent "zero": the key is the weighted sum itself; model m's term of it added into key[n]
 // (model 0's term written: weights and exponentials are >= 0), the same values as tile_keys.
 void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const float* e, int64_t u0, int64_t n,
                     float* key) {
-  float E[kTile];
-  tile_exps(a, m, e, u0, n, E);
-  add_prob(key, E, n, a.weights[b * a.num_models + m], st.inv_s[m], m == 0);
+  const float w = a.weights[b * a.num_models + m], inv_s = st.inv_s[m];
+  const bool first = m == 0;
+  if (!avx512_paths_usable()) {
+    float E[kTile];
+    tile_exps(a, m, e, u0, n, E);
+    add_prob(key, E, n, w, inv_s, first);
+    return;
+  }
+  // Many-to-one union ids of the tile (few): their keys before this model's term are kept, and after the
+  // fused pass (which added only the first id's term) their terms are redone from the whole sum E(u).
+  const Extra* all = reinterpret_cast<const Extra*>(a.multi[m]);
+  const Extra* lo = std::lower_bound(all, all + a.num_multi[m], u0, [](const Extra& q, int64_t u) { return q.u < u; });
+  const Extra* hi = std::lower_bound(lo, all + a.num_multi[m], u0 + n, [](const Extra& q, int64_t u) { return q.u < u; });
+  thread_local std::vector<float> before;
+  before.clear();
+  for (const Extra* p = lo; p < hi && !first; ++p) {
+    if (p == lo || p->u != p[-1].u) before.push_back(key[p->u - u0]);
+  }
+  gather_add_prob_avx512(e, a.first_ids[m] + u0, n, w, inv_s, first, key);
+  size_t k = 0;
+  for (const Extra* p = lo; p < hi;) {
+    const int32_t u = p->u, v0 = a.first_ids[m][u];
+    float E = v0 >= 0 ? e[v0] : 0.0f;
+    for (; p < hi && p->u == u; ++p) E = E + e[p->v];  // tile_exps' order: the first id, then the others
+    const float t = w * (E * inv_s);
+    key[u - u0] = first ? t : before[k] + t;
+    ++k;
+  }
 }
 
 // key(u) of batch row b for union ids [u0, u0 + n), n <= kTile, into key[n], from the row's exponentials
