@@ -116,25 +116,30 @@ struct NearIds {
 // vector), so that row's max pass, otherwise bound by memory, reads from cache while this compute-bound loop
 // hides the transfer.
 // kDense: every id of [v0, v1) is mapped (Work::dense), so the map is not read.
-template <int DT, bool kDense>
-int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx,
-                            float* e, NearIds near, const char* ahead) {
+// The loop is bound by the vector floating-point port, so two operations are saved where the bits allow:
+// kUnitT (inv_t == 1): y = x, as x * 1 is x. !kStore (e null): the fixed-point operand e * 2^40 is
+// p * 2^(n + 40) in one vscalefps (both exact where e is normal; where it is not, both truncate to 0).
+template <int DT, bool kDense, bool kUnitT, bool kStore>
+int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx, float* e,
+                    NearIds near, const char* ahead) {
   const __m512 near_v = _mm512_set1_ps(near.z_min);
   // Without e only the fixed-point sum is wanted, and exp_det(z) < 2^-40 (a term of 0) for z < -28, so such
   // lanes count as 0 and a vector of them skips the arithmetic: the same sum, and real (peaked) logits have
   // most of a vocabulary there. With e, exp_det's own cut-off -87.
-  const __m512 t_v = _mm512_set1_ps(inv_t), mx_v = _mm512_set1_ps(mx), lo = _mm512_set1_ps(e ? -87.0f : -28.0f);
+  const __m512 t_v = _mm512_set1_ps(inv_t), mx_v = _mm512_set1_ps(mx), lo = _mm512_set1_ps(kStore ? -87.0f : -28.0f);
   const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), half = _mm512_set1_ps(0.5f);
   const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
   const __m512 p0 = _mm512_set1_ps(1.9875691500e-4f), p1 = _mm512_set1_ps(1.3981999507e-3f);
   const __m512 p2 = _mm512_set1_ps(8.3334519073e-3f), p3 = _mm512_set1_ps(4.1665795894e-2f);
   const __m512 p4 = _mm512_set1_ps(1.6666665459e-1f), p5 = _mm512_set1_ps(5.0000001201e-1f);
   const __m512 one = _mm512_set1_ps(1.0f), fix_scale = _mm512_set1_ps(ensemble::kFixScale);
+  const __m512 fix_exp = _mm512_set1_ps(40.0f);  // kFixScale = 2^40
   __m512i s_lo = _mm512_setzero_si512(), s_hi = _mm512_setzero_si512();
   int64_t v = v0;
   for (; v + 16 <= v1; v += 16) {
     if (ahead != nullptr) _mm_prefetch(ahead + v * dtype_size(DT), _MM_HINT_T1);
-    const __m512 z = _mm512_sub_ps(_mm512_mul_ps(load16<DT>(x, v), t_v), mx_v);
+    const __m512 y = kUnitT ? load16<DT>(x, v) : _mm512_mul_ps(load16<DT>(x, v), t_v);
+    const __m512 z = _mm512_sub_ps(y, mx_v);
     const __mmask16 valid =
         kDense ? __mmask16{0xFFFF} : _mm512_cmpge_epi32_mask(_mm512_loadu_si512(fwd + v), _mm512_setzero_si512());
     const __mmask16 ok = _mm512_cmp_ps_mask(z, lo, _CMP_GE_OQ) & valid;
@@ -143,7 +148,7 @@ int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64
         near.ids->push_back(static_cast<int32_t>(v + __builtin_ctz(hit)));
       }
     }
-    if (e == nullptr && ok == 0) continue;
+    if (!kStore && ok == 0) continue;
     // exp_det's select(ok, z, 0) is left out: the lanes it would change are zeroed at the end.
     const __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(z, log2e), half),
                                           _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
@@ -157,9 +162,14 @@ int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64
     p = _mm512_add_ps(_mm512_mul_ps(p, r), p5);
     p = _mm512_add_ps(_mm512_mul_ps(p, r2), r);
     p = _mm512_add_ps(p, one);
-    const __m512 ev = _mm512_maskz_mov_ps(ok, _mm512_scalef_ps(p, n));
-    if (e) _mm512_storeu_ps(e + v, ev);
-    const __m512 f = _mm512_mul_ps(ev, fix_scale);
+    __m512 f;
+    if constexpr (kStore) {
+      const __m512 ev = _mm512_maskz_scalef_ps(ok, p, n);
+      _mm512_storeu_ps(e + v, ev);
+      f = _mm512_mul_ps(ev, fix_scale);
+    } else {
+      f = _mm512_maskz_scalef_ps(ok, p, _mm512_add_ps(n, fix_exp));
+    }
     const __m256 f_hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1));
     s_lo = _mm512_add_epi64(s_lo, _mm512_cvttps_epi64(_mm512_castps512_ps256(f)));
     s_hi = _mm512_add_epi64(s_hi, _mm512_cvttps_epi64(f_hi));
@@ -169,10 +179,21 @@ int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64
     const float z = load_float(x, DT, v) * inv_t - mx;
     const float ev = ensemble::select(fwd[v] >= 0, exp_det(z), 0.0f);
     if (near.ids != nullptr && fwd[v] >= 0 && z >= near.z_min) near.ids->push_back(static_cast<int32_t>(v));
-    if (e) e[v] = ev;
+    if (kStore) e[v] = ev;
     s += fix(ev);
   }
   return s;
+}
+
+template <int DT, bool kDense>
+int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx,
+                            float* e, NearIds near, const char* ahead) {
+  if (inv_t == 1.0f) {
+    return e ? expsum_loop<DT, kDense, true, true>(x, fwd, v0, v1, inv_t, mx, e, near, ahead)
+             : expsum_loop<DT, kDense, true, false>(x, fwd, v0, v1, inv_t, mx, e, near, ahead);
+  }
+  return e ? expsum_loop<DT, kDense, false, true>(x, fwd, v0, v1, inv_t, mx, e, near, ahead)
+           : expsum_loop<DT, kDense, false, false>(x, fwd, v0, v1, inv_t, mx, e, near, ahead);
 }
 
 // chunk_max_t with AVX-512 intrinsics, the same results: plain maxima over blocks of 256 ids (four independent
