@@ -119,9 +119,17 @@ struct NearIds {
 // The loop is bound by the vector floating-point port, so two operations are saved where the bits allow:
 // kUnitT (inv_t == 1): y = x, as x * 1 is x. !kStore (e null): the fixed-point operand e * 2^40 is
 // p * 2^(n + 40) in one vscalefps (both exact where e is normal; where it is not, both truncate to 0).
+// [v0, v1) spans at most kChunk ids. The loop calls no function: every zmm register is caller-saved, so a call
+// in it (the NearIds push_back) made GCC keep the constants on the stack; hits are buffered and pushed after.
 template <int DT, bool kDense, bool kUnitT, bool kStore>
 int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx, float* e,
                     NearIds near, const char* ahead) {
+  struct Hits {
+    int64_t v;
+    uint32_t lanes;
+  };
+  Hits hits[kChunk / 16];
+  int64_t num_hits = 0;
   const __m512 near_v = _mm512_set1_ps(near.z_min);
   // Without e only the fixed-point sum is wanted, and exp_det(z) < 2^-40 (a term of 0) for z < -28, so such
   // lanes count as 0 and a vector of them skips the arithmetic: the same sum, and real (peaked) logits have
@@ -144,9 +152,8 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
         kDense ? __mmask16{0xFFFF} : _mm512_cmpge_epi32_mask(_mm512_loadu_si512(fwd + v), _mm512_setzero_si512());
     const __mmask16 ok = _mm512_cmp_ps_mask(z, lo, _CMP_GE_OQ) & valid;
     if (near.ids != nullptr) {  // rare hits: a few ids per row
-      for (uint32_t hit = _mm512_cmp_ps_mask(z, near_v, _CMP_GE_OQ) & valid; hit != 0; hit &= hit - 1) {
-        near.ids->push_back(static_cast<int32_t>(v + __builtin_ctz(hit)));
-      }
+      const uint32_t lanes = _mm512_cmp_ps_mask(z, near_v, _CMP_GE_OQ) & valid;
+      if (lanes != 0) hits[num_hits++] = {v, lanes};
     }
     if (!kStore && ok == 0) continue;
     // exp_det's select(ok, z, 0) is left out: the lanes it would change are zeroed at the end.
@@ -175,6 +182,11 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
     s_hi = _mm512_add_epi64(s_hi, _mm512_cvttps_epi64(f_hi));
   }
   int64_t s = _mm512_reduce_add_epi64(_mm512_add_epi64(s_lo, s_hi));
+  for (int64_t h = 0; h < num_hits; ++h) {
+    for (uint32_t lanes = hits[h].lanes; lanes != 0; lanes &= lanes - 1) {
+      near.ids->push_back(static_cast<int32_t>(hits[h].v + __builtin_ctz(lanes)));
+    }
+  }
   for (; v < v1; ++v) {
     const float z = load_float(x, DT, v) * inv_t - mx;
     const float ev = ensemble::select(fwd[v] >= 0, exp_det(z), 0.0f);
@@ -188,6 +200,13 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
 template <int DT, bool kDense>
 int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx,
                             float* e, NearIds near, const char* ahead) {
+  if (v1 - v0 > kChunk) {  // not from the statistics grid; kept within expsum_loop's hit buffer all the same
+    int64_t s = 0;
+    for (int64_t c = v0; c < v1; c += kChunk) {
+      s += chunk_expsum_avx512<DT, kDense>(x, fwd, c, std::min(v1, c + kChunk), inv_t, mx, e, near, ahead);
+    }
+    return s;
+  }
   if (inv_t == 1.0f) {
     return e ? expsum_loop<DT, kDense, true, true>(x, fwd, v0, v1, inv_t, mx, e, near, ahead)
              : expsum_loop<DT, kDense, true, false>(x, fwd, v0, v1, inv_t, mx, e, near, ahead);
