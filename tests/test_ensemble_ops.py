@@ -231,6 +231,29 @@ def test_cpu_greedy_candidates_recorded_or_screened(avx512):
 
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
+@pytest.mark.parametrize("offset", [0.0, 30000.0], ids=["recorded", "screened"])
+def test_cpu_greedy_many_to_one_sum_wins(avx512, offset):
+    """A union id whose three model ids each sit below the top single id (e = 0.4 vs 1) wins by their sum
+    (1.2): greedy next_token must consider it, whether the near-max ids are recorded by the AVX-512 pass or
+    the row is screened (|max| >= 16384, or the portable path)."""
+    fwd = torch.arange(40, dtype=torch.int32) + 1
+    fwd[[5, 17, 33]] = 0                                     # union id 0: three ids of the model
+    vmap = SimpleVocabMap([fwd], 41)
+    x = torch.full((2, 40), -3.0) + offset
+    x[:, 9] = offset                                         # the top single id: e = 1
+    x[:, [5, 17, 33]] = offset + math.log(0.4)               # e = 0.4 each
+    x[1, 33] = offset - 8.0                                  # row 1: the sum 0.8 + e^-8 loses
+    with cpu_avx512_paths(avx512) as used:
+        if avx512 and not used:
+            pytest.skip("this CPU has no AVX-512")
+        got = next_token([x], vmap, backend="cpu")
+    want = next_token([x], vmap, backend="reference")
+    assert want.union_ids.tolist() == [0, 10]
+    for g, e in zip(got, want):
+        assert torch.equal(g, e)
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
 def test_cpu_greedy_sum_of_small_terms(avx512):
     """Greedy next_token's probability is e_top / S with S the fixed-point sum of every exponential, including
     terms of a few units of 2^-40 (z = -25: 15 units each; 40000 of them move fp32(S) by ~4 ulps). The AVX-512

@@ -341,15 +341,15 @@ float key_of(const Args& a, int64_t b, const RowStats& st, int64_t u) {
   return ensemble::combine_finish(acc, used, a.renormalize ? a.cpat[(b << M) + pat] : 1.0f, a.logprob);
 }
 
-// One model id v after the first of union id u (pyfuse/ensemble/maps.py: EnsembleTables.multi).
+// One model id v of a union id u that has several (pyfuse/ensemble/maps.py: EnsembleTables.multi).
 struct Extra {
   int32_t u, v;
 };
 
 // Model m's exponentials of union ids [u0, u0 + n) (the sum over its ids) into E[n], from its row e.
 void tile_exps(const Args& a, int m, const float* e, int64_t u0, int64_t n, float* E) {
-  gather(e, a.first_ids[m] + u0, n, E);
-  // Many-to-one union ids: the other model ids, as (union id, model id) pairs in ascending order.
+  gather(e, a.first_ids[m] + u0, n, E);  // 0 at the many-to-one union ids (first_ids -1), so that
+  // their sums below, over all their ids as (union id, model id) pairs in ascending order, start at 0 + e.
   const Extra* extra = reinterpret_cast<const Extra*>(a.multi[m]);
   const Extra* end = extra + a.num_multi[m];
   for (const Extra* p = std::lower_bound(extra, end, u0, [](const Extra& q, int64_t u) { return q.u < u; });
@@ -389,25 +389,18 @@ void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const f
     add_prob(key, E, n, w, inv_s, first);
     return;
   }
-  // Many-to-one union ids of the tile (few): their keys before this model's term are kept, and after the
-  // fused pass (which added only the first id's term) their terms are redone from the whole sum E(u).
-  const Extra* all = reinterpret_cast<const Extra*>(a.multi[m]);
-  const Extra* lo = std::lower_bound(all, all + a.num_multi[m], u0, [](const Extra& q, int64_t u) { return q.u < u; });
-  const Extra* hi = std::lower_bound(lo, all + a.num_multi[m], u0 + n, [](const Extra& q, int64_t u) { return q.u < u; });
-  thread_local std::vector<float> before;
-  before.clear();
-  for (const Extra* p = lo; p < hi && !first; ++p) {
-    if (p == lo || p->u != p[-1].u) before.push_back(key[p->u - u0]);
-  }
+  // The fused pass adds a term of 0 at the many-to-one union ids (first_ids -1): key + 0 is key (keys are
+  // >= 0, never -0), or 0 for the first model. Their terms come after, from the sums over all their ids.
   gather_add_prob_avx512(e, a.first_ids[m] + u0, n, w, inv_s, first, key);
-  size_t k = 0;
-  for (const Extra* p = lo; p < hi;) {
-    const int32_t u = p->u, v0 = a.first_ids[m][u];
-    float E = v0 >= 0 ? e[v0] : 0.0f;
-    for (; p < hi && p->u == u; ++p) E = E + e[p->v];  // tile_exps' order: the first id, then the others
+  const Extra* all = reinterpret_cast<const Extra*>(a.multi[m]);
+  const Extra* end = all + a.num_multi[m];
+  const Extra* p = std::lower_bound(all, end, u0, [](const Extra& q, int64_t u) { return q.u < u; });
+  while (p < end && p->u < u0 + n) {
+    const int32_t u = p->u;
+    float E = 0.0f;  // as tile_exps: 0 + the model's ids in ascending order
+    for (; p < end && p->u == u; ++p) E = E + e[p->v];
     const float t = w * (E * inv_s);
-    key[u - u0] = first ? t : before[k] + t;
-    ++k;
+    key[u - u0] = first ? t : key[u - u0] + t;
   }
 }
 
@@ -578,7 +571,7 @@ PYFUSE_CANDIDATES(candidates_f16, kFloat16)
 PYFUSE_CANDIDATES(candidates_bf16, kBFloat16)
 
 // Appends the union ids of row b's model m with an id at y_v >= thr, and the many-to-one union ids (several
-// ids of model m: their sum may pass) with an id at y_v >= thr_multi (<= thr). A union id may be appended twice.
+// ids of model m: their sum may pass) with an id at y_v >= thr_multi (<= thr). A union id may be appended more than once.
 // near: the ids the exponential pass recorded for this row and model, per statistics chunk (a superset of both
 // sets; see greedy_prob_zero): filtering that short list finds both. Without it (null), the row is screened for
 // the first set and the second comes from the map's list of ids after the first (a few % of V), not from a
@@ -602,13 +595,9 @@ void candidates_above(const Args& a, int m, int64_t b, float thr, float thr_mult
   }
   auto fn = a.dtype == kFloat32 ? candidates_f32 : a.dtype == kFloat16 ? candidates_f16 : candidates_bf16;
   fn(x, fwd, a.vocab[m], inv_t, thr, out);
-  const Extra* extra = reinterpret_cast<const Extra*>(a.multi[m]);
+  const Extra* extra = reinterpret_cast<const Extra*>(a.multi[m]);  // every id of the many-to-one union ids
   for (int64_t p = 0; p < a.num_multi[m]; ++p) {
-    const int32_t first = a.first_ids[m][extra[p].u];
-    if (load_float(x, a.dtype, extra[p].v) * inv_t >= thr_multi ||
-        (first >= 0 && load_float(x, a.dtype, first) * inv_t >= thr_multi)) {
-      out.push_back(extra[p].u);
-    }
+    if (load_float(x, a.dtype, extra[p].v) * inv_t >= thr_multi) out.push_back(extra[p].u);
   }
 }
 

@@ -57,8 +57,8 @@ class EnsembleTables:
     rev_ids: list  # int32 [nnz_m]
     from_union: list  # int32 [U]
     present: torch.Tensor  # uint8 [U]: bit m set when model m has a token for the union id
-    first_ids: list  # int32 [U]: rev_ids[rev_offsets[u]] or -1 (CPU fast path)
-    multi: list  # int32 [n, 2]: (union id, model id) of every model id after a union id's first (CPU fast path)
+    first_ids: list  # int32 [U]: the model's only id of u, -1 when it has none or several (CPU fast path)
+    multi: list  # int32 [n, 2]: (union id, model id) of every id of a union id with several (CPU fast path)
     valid_counts: tuple  # mapped ids per model
     max_mult: tuple  # longest reverse list per model
 
@@ -67,14 +67,14 @@ class EnsembleTables:
         return len(self.to_union)
 
 
-def _extra_ids(offsets: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """int32 [n, 2] (union id, model id) of the reverse-list entries after each list's first, in CSR order:
-    the CPU kernel adds these few to a vectorised gather of the first ids."""
+def _multi_ids(offsets: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """int32 [n, 2] (union id, model id) of every entry of the reverse lists longer than one, in CSR order:
+    the CPU kernel sums these few itself; its vectorised gather reads only the single ids (first_ids)."""
     off = offsets.to(torch.int64)
-    owner = torch.repeat_interleave(torch.arange(off.numel() - 1), off[1:] - off[:-1])
-    later = torch.ones(ids.numel(), dtype=torch.bool)
-    later[off[:-1][off[1:] > off[:-1]]] = False
-    return torch.stack([owner[later].to(torch.int32), ids[later]], dim=1).contiguous()
+    counts = off[1:] - off[:-1]
+    owner = torch.repeat_interleave(torch.arange(off.numel() - 1), counts)
+    several = (counts > 1)[owner]
+    return torch.stack([owner[several].to(torch.int32), ids[several]], dim=1).contiguous()
 
 
 def _tables(to_union, union_size: int, from_union, device) -> EnsembleTables:
@@ -90,10 +90,11 @@ def _tables(to_union, union_size: int, from_union, device) -> EnsembleTables:
         first[has] = ids[off[:-1].to(torch.int64)[has]]
         present |= has.to(torch.int32) << m
         canon = first if from_union is None else from_union[m].detach().to("cpu", torch.int32).contiguous()
+        single = torch.where(counts == 1, first, torch.full_like(first, -1))
         valid.append(int(ids.numel()))
         mult.append(int(counts.max()) if union_size else 0)
         for key, t in (("to_union", fwd), ("rev_offsets", off), ("rev_ids", ids), ("from_union", canon),
-                       ("first_ids", first), ("multi", _extra_ids(off, ids))):
+                       ("first_ids", single), ("multi", _multi_ids(off, ids))):
             fields[key].append(t.to(device))
     return EnsembleTables(union_size=union_size, present=present.to(torch.uint8).to(device),
                           valid_counts=tuple(valid), max_mult=tuple(mult), **fields)

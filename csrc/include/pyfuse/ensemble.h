@@ -32,8 +32,8 @@ struct Args {
   const int32_t* to_union[kMaxModels];
   const int32_t* rev_offsets[kMaxModels];
   const int32_t* rev_ids[kMaxModels];
-  const int32_t* first_ids[kMaxModels];  // CPU fast path: first reverse id or -1
-  const int32_t* multi[kMaxModels];      // CPU fast path: (union id, model id) pairs of the ids after the first
+  const int32_t* first_ids[kMaxModels];  // CPU fast path: the model's only id of u, or -1 (none or several)
+  const int32_t* multi[kMaxModels];      // CPU fast path: (union id, model id) pairs of union ids with several
   int64_t num_multi[kMaxModels];         // pairs in multi
   int64_t max_mult[kMaxModels];          // longest reverse list
   const int32_t* from_union[kMaxModels];
