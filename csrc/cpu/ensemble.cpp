@@ -26,7 +26,7 @@ using ensemble::exp_det;
 using ensemble::fix;
 using ensemble::unfix_recip;
 
-constexpr int64_t kChunk = 32768;  // model ids per statistics item
+constexpr int64_t kChunk = 32768;  // model ids per statistics item (a quarter in split mode: Grid)
 constexpr int64_t kTile = 2048;    // union ids per key item
 constexpr int kLanes = 16;         // lane arrays GCC turns into one AVX-512 (two AVX2) register(s)
 const float kNegInf = bits_float(0xFF800000u);
@@ -472,15 +472,24 @@ PYFUSE_HOT void scale(float* x, int64_t n, float s) {
   for (int64_t i = 0; i < n; ++i) x[i] = x[i] * s;
 }
 
-// The fixed work grid of one call: statistics items (row, model, chunk) and key items (row, tile).
+// Runs the phases in order. With at least one row per thread, each thread takes whole rows through every
+// phase (a row's logits stay in its core's cache and no barrier is needed); otherwise every phase is split
+// over all (row, item) pairs with a barrier between phases, so a single row uses every core. Items only
+// write their own outputs and phases reduce with max / integer sums, so both give the same bits.
+bool row_mode(int64_t batch) { return batch >= omp_get_max_threads(); }
+
+// The fixed work grid of one call: statistics items (row, model, chunk) and key items (row, tile). Split
+// mode uses quarter chunks: with a few rows, 9 items of up to 32768 ids left one of two threads waiting at
+// the barrier for up to a chunk (any chunking gives the same bits).
 struct Grid {
   const Args& a;
-  int64_t chunks_per_row = 0, tiles;
+  int64_t chunk, chunks_per_row = 0, tiles;
   int64_t chunk_start[ensemble::kMaxModels + 1];  // first item of each model within a row
-  explicit Grid(const Args& args) : a(args), tiles((args.union_size + kTile - 1) / kTile) {
+  explicit Grid(const Args& args)
+      : a(args), chunk(row_mode(args.batch) ? kChunk : kChunk / 4), tiles((args.union_size + kTile - 1) / kTile) {
     for (int m = 0; m < a.num_models; ++m) {
       chunk_start[m] = chunks_per_row;
-      chunks_per_row += std::max<int64_t>(1, (a.vocab[m] + kChunk - 1) / kChunk);
+      chunks_per_row += std::max<int64_t>(1, (a.vocab[m] + chunk - 1) / chunk);
     }
     chunk_start[a.num_models] = chunks_per_row;
   }
@@ -493,8 +502,8 @@ struct Grid {
     int k = 0;
     while (r >= chunk_start[k + 1]) ++k;
     *m = k;
-    *v0 = (r - chunk_start[k]) * kChunk;
-    *v1 = std::min(*v0 + kChunk, a.vocab[k]);
+    *v0 = (r - chunk_start[k]) * chunk;
+    *v1 = std::min(*v0 + chunk, a.vocab[k]);
   }
 };
 
@@ -504,11 +513,6 @@ struct Phase {
   std::function<void(int64_t)> fn;
 };
 
-// Runs the phases in order. With at least one row per thread, each thread takes whole rows through every
-// phase (a row's logits stay in its core's cache and no barrier is needed); otherwise every phase is split
-// over all (row, item) pairs with a barrier between phases, so a single row uses every core. Items only
-// write their own outputs and phases reduce with max / integer sums, so both give the same bits.
-bool row_mode(int64_t batch) { return batch >= omp_get_max_threads(); }
 
 // In row mode a thread claims its next row before it works on the current one (rows are still handed out
 // dynamically, in order), so a phase can fetch ahead from the next row: t_ahead_row (-1: none, or split mode).
