@@ -125,7 +125,7 @@ template <int DT, bool kDense, bool kUnitT, bool kStore>
 int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx, float* e,
                     NearIds near, const char* ahead) {
   struct Hits {
-    int64_t v;
+    int32_t v;  // ids < 2^22
     uint32_t lanes;
   };
   Hits hits[kChunk / 16];
@@ -153,7 +153,7 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
     const __mmask16 ok = _mm512_cmp_ps_mask(z, lo, _CMP_GE_OQ) & valid;
     if (near.ids != nullptr) {  // rare hits: a few ids per row
       const uint32_t lanes = _mm512_cmp_ps_mask(z, near_v, _CMP_GE_OQ) & valid;
-      if (lanes != 0) hits[num_hits++] = {v, lanes};
+      if (lanes != 0) hits[num_hits++] = {static_cast<int32_t>(v), lanes};
     }
     if (!kStore && ok == 0) continue;
     // exp_det's select(ok, z, 0) is left out: the lanes it would change are zeroed at the end.
@@ -513,7 +513,6 @@ struct Phase {
   std::function<void(int64_t)> fn;
 };
 
-
 // In row mode a thread claims its next row before it works on the current one (rows are still handed out
 // dynamically, in order), so a phase can fetch ahead from the next row: t_ahead_row (-1: none, or split mode).
 thread_local int64_t t_ahead_row = -1;
@@ -575,10 +574,11 @@ PYFUSE_CANDIDATES(candidates_f16, kFloat16)
 PYFUSE_CANDIDATES(candidates_bf16, kBFloat16)
 
 // Appends the union ids of row b's model m with an id at y_v >= thr, and the many-to-one union ids (several
-// ids of model m: their sum may pass) with an id at y_v >= thr_multi (<= thr). A union id may be appended more than once.
+// ids of model m: their sum may pass) with an id at y_v >= thr_multi (<= thr). A union id may be appended
+// more than once.
 // near: the ids the exponential pass recorded for this row and model, per statistics chunk (a superset of both
 // sets; see greedy_prob_zero): filtering that short list finds both. Without it (null), the row is screened for
-// the first set and the second comes from the map's list of ids after the first (a few % of V), not from a
+// the first set and the second comes from the map's list of the many-to-one ids (a few % of V), not from a
 // second screen of the row: with thr_multi a few units of y lower, that screen hit most blocks.
 void candidates_above(const Args& a, int m, int64_t b, float thr, float thr_multi, const std::vector<int32_t>* near,
                       int64_t near_chunks, std::vector<int64_t>& out) {
