@@ -367,6 +367,10 @@ __attribute__((target("avx512f"))) void gather_add_prob_avx512(const float* e, c
   for (; i + 16 <= n; i += 16) {
     const __m512i idx = _mm512_loadu_si512(first_id + i);
     const __mmask16 has = _mm512_cmpge_epi32_mask(idx, _mm512_setzero_si512());
+    if (has == 0) {  // a term of 0 (union ids the model lacks often come in runs: a map's later models' own ids)
+      if (first) _mm512_storeu_ps(key + i, _mm512_setzero_ps());
+      continue;
+    }
     const __m512 g = _mm512_mask_i32gather_ps(_mm512_setzero_ps(), has, idx, e, 4);
     const __m512 t = _mm512_mul_ps(w_v, _mm512_mul_ps(g, inv_v));
     _mm512_storeu_ps(key + i, first ? t : _mm512_add_ps(_mm512_loadu_ps(key + i), t));
