@@ -57,29 +57,28 @@ def _check_logits(logits, tables: EnsembleTables):
 
 def _check_weights(weights, B: int, M: int, device) -> torch.Tensor:
     """float32 [B, M] normalised to sum 1 per row."""
-    if weights is None:
-        w = torch.ones(B, M, dtype=torch.float32, device=device)
-    else:
-        if not isinstance(weights, torch.Tensor):
-            if not isinstance(weights, (list, tuple)) or not all(
-                    isinstance(v, numbers.Real) and not isinstance(v, bool) for v in weights):
-                raise TypeError("weights must be None, a sequence of M numbers or a float tensor [M] or [B, M]")
-            weights = torch.tensor([float(v) for v in weights], dtype=torch.float32)
-        V.check_float_tensor("weights", weights, ndim=(1, 2))
-        if weights.shape not in ((M,), (B, M)):
-            raise ValueError(f"weights must have shape [{M}] or [{B}, {M}] (models, batch), got {tuple(weights.shape)}")
-        # Value checks read the data: done where that costs no device sync (CPU tensors, which includes
-        # weights given as numbers, before they move to the logits' device; eager mode).
-        if weights.device.type == "cpu" and not torch.compiler.is_compiling():
-            if not bool(torch.isfinite(weights).all()):
-                raise ValueError("weights must be finite (got NaN or inf)")
-            if bool((weights < 0).any()):
-                raise ValueError("weights must be >= 0")
-            if bool((weights.sum(dim=-1) <= 0).any()):
-                raise ValueError("weights must have a positive sum (per row for [B, M] weights)")
-        if weights.device != torch.device(device):
-            weights = weights.to(device)
-        w = weights.float().expand(B, M)
+    if weights is None:  # 1 / M, as ones / their sum (M exactly) would give, in one step fewer
+        return torch.ones(B, M, dtype=torch.float32, device=device) / M
+    if not isinstance(weights, torch.Tensor):
+        if not isinstance(weights, (list, tuple)) or not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) for v in weights):
+            raise TypeError("weights must be None, a sequence of M numbers or a float tensor [M] or [B, M]")
+        weights = torch.tensor([float(v) for v in weights], dtype=torch.float32)
+    V.check_float_tensor("weights", weights, ndim=(1, 2))
+    if weights.shape not in ((M,), (B, M)):
+        raise ValueError(f"weights must have shape [{M}] or [{B}, {M}] (models, batch), got {tuple(weights.shape)}")
+    # Value checks read the data: done where that costs no device sync (CPU tensors, which includes
+    # weights given as numbers, before they move to the logits' device; eager mode).
+    if weights.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(torch.isfinite(weights).all()):
+            raise ValueError("weights must be finite (got NaN or inf)")
+        if bool((weights < 0).any()):
+            raise ValueError("weights must be >= 0")
+        if bool((weights.sum(dim=-1) <= 0).any()):
+            raise ValueError("weights must have a positive sum (per row for [B, M] weights)")
+    if weights.device != torch.device(device):
+        weights = weights.to(device)
+    w = weights.float().expand(B, M)
     return (w / w.sum(dim=1, keepdim=True)).contiguous()
 
 
@@ -87,9 +86,9 @@ def _pattern_coefficients(w: torch.Tensor, renormalize: bool) -> torch.Tensor:
     """cpat [B, 2**M]: c(u) of each present-models bit pattern; 1 / (sum of w over the pattern, in model
     order) for renormalize, else 1."""
     B, M = w.shape
-    pats = torch.arange(1 << M, device=w.device)
     if not renormalize:
         return torch.ones(B, 1 << M, dtype=torch.float32, device=w.device)
+    pats = torch.arange(1 << M, device=w.device)
     total = torch.zeros(B, 1 << M, dtype=torch.float32, device=w.device)
     for m in range(M):
         total = total + w[:, m:m + 1] * ((pats >> m) & 1).to(torch.float32)
