@@ -152,12 +152,14 @@ def test_backends_bit_identical_wide(backend, device, mode, absent, dtype):
 
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
-@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-def test_cpu_avx512_paths_bit_identical(dtype, avx512):
+@pytest.mark.parametrize("dtype,ordered", [(torch.float32, True), (torch.float32, False), (torch.float16, True),
+                                           (torch.bfloat16, False)])
+def test_cpu_avx512_paths_bit_identical(dtype, ordered, avx512):
     """The CPU's intrinsic paths (exponential sums, gathers) and its portable ones both give the reference's
     bits: vocabularies that are not a multiple of 16 (tails), logits far below the max (exp_det's z < -87),
-    -inf logits, and a tie at the max."""
-    vmap = synthetic_map((1000, 777), overlap=0.6, many_to_one=0.05, padding=3, seed=3)
+    -inf logits, and a tie at the max; union ids in the first model's order (as VocabMap numbers them: its
+    gathers read runs of neighbouring ids) or shuffled (every model's gathers random)."""
+    vmap = synthetic_map((1000, 777), overlap=0.6, many_to_one=0.05, padding=3, seed=3, ordered=ordered)
     logits = make_logits(vmap, 3, dtype, "cpu", seed=9)
     logits[0][:, 10:40] = -1e4
     logits[1][0, 5] = float("-inf")

@@ -146,26 +146,42 @@ def tables_for(vmap, device) -> EnsembleTables:
     return tables
 
 def synthetic_map(vocab_sizes, *, overlap: float = 0.7, many_to_one: float = 0.02, padding: int = 64,
-                  seed: int = 0) -> SimpleVocabMap:
-    """A random vocabulary map for tests and benchmarks: model 0's ids are union ids 0..; every later model
-    shares a fraction ``overlap`` of its ids with the union built so far and adds the rest as new ids; a
-    fraction ``many_to_one`` of each model's ids repeats another id of the same model; the last ``padding``
-    ids of each model (when V_m > 2 * padding) are padded rows mapped to -1."""
+                  seed: int = 0, ordered: bool = True) -> SimpleVocabMap:
+    """A random vocabulary map for tests and benchmarks: every later model shares a fraction ``overlap`` of its
+    ids (at random positions) with the union built so far and adds the rest as new ids; a fraction
+    ``many_to_one`` of each model's ids repeats another id of the same model; the last ``padding`` ids of each
+    model (when V_m > 2 * padding) are padded rows mapped to -1.
+
+    ordered: union ids are numbered as ``VocabMap`` numbers them, in order of first appearance (model 0's ids in
+    its id order, then each later model's new ids in its id order); False numbers them at random, a layout no
+    real map has (every model's ids scattered over the union)."""
     gen = torch.Generator().manual_seed(seed)
     to_union, U = [], 0
     for V in vocab_sizes:
         pad = padding if V > 2 * padding else 0
         n = V - pad
-        if U == 0:
-            fwd = torch.randperm(n, generator=gen)
-        else:
-            shared = int(round(overlap * n))
-            old = torch.randperm(U, generator=gen)[:min(shared, U)]
-            new = torch.arange(U, U + n - old.numel())
-            fwd = torch.cat([old, new])[torch.randperm(n, generator=gen)]
+        shared = 0 if U == 0 else min(int(round(overlap * n)), U)
+        fwd = torch.arange(U, U + n - shared)  # the new ids, in id order among themselves
+        if shared:
+            old = torch.randperm(U, generator=gen)[:shared]
+            fwd = torch.cat([old, fwd])[torch.randperm(n, generator=gen)]
+            new = fwd >= U
+            fwd[new] = torch.arange(U, U + int(new.sum()))
         dup = torch.rand(n, generator=gen) < many_to_one
         src = torch.randint(0, n, (n,), generator=gen)
         fwd = torch.where(dup, fwd[src], fwd)
         U = max(U, int(fwd.max()) + 1)
         to_union.append(torch.cat([fwd, torch.full((pad,), -1, dtype=torch.int64)]).to(torch.int32))
+    # Renumber by first appearance, model by model (dropping the ids only a repeat pointed at), then shuffle
+    # if asked.
+    seen = torch.cat(to_union).long()
+    seen = seen[seen >= 0]
+    first = torch.full((U,), seen.numel(), dtype=torch.long).scatter_reduce_(0, seen, torch.arange(seen.numel()),
+                                                                              "amin")
+    U = int((first < seen.numel()).sum())
+    number = torch.empty_like(first)
+    number[torch.argsort(first)] = torch.arange(first.numel())
+    if not ordered:
+        number = torch.cat([torch.randperm(U, generator=gen), number.new_full((first.numel() - U,), -1)])[number]
+    to_union = [torch.where(f >= 0, number[f.long().clamp(min=0)], -1).to(torch.int32) for f in to_union]
     return SimpleVocabMap(to_union, U)
