@@ -10,6 +10,7 @@ import torch
 from . import _validate as V
 from ._backend import call_kernel, register_kernel, resolve_backend
 from ._ext import cpu_ext, cuda_ext, new_output, stream_of
+from ._library import library_op
 from .reference import philox as ref
 
 
@@ -28,7 +29,7 @@ def rand(numel: int, *, seed: int, offset: int = 0, stream: int = 0, device=None
     return torch.ops.pyfuse.rand(numel, V.to_i64(seed), V.to_i64(offset), stream, device, name)
 
 
-@torch.library.custom_op("pyfuse::rand", mutates_args=())
+@library_op("rand")
 def _rand_op(numel: int, seed: int, offset: int, stream: int, device: torch.device, backend: str) -> torch.Tensor:
     return call_kernel("rand", backend, numel, V.from_i64(seed), V.from_i64(offset), stream, device)
 

@@ -11,6 +11,7 @@ import torch
 from . import _validate as V
 from ._backend import call_kernel, register_kernel, resolve_backend
 from ._ext import cpu_ext, cuda_ext, dtype_code, new_output, stream_of
+from ._library import library_op
 from .reference import prune as ref
 
 __all__ = ["magnitude_prune", "random_prune", "RANDOM_PRUNE_PURPOSE"]
@@ -55,12 +56,12 @@ def random_prune(
     return torch.ops.pyfuse.random_prune(x, ref.density_f32(density), V.to_i64(seed), rescale, name)
 
 
-@torch.library.custom_op("pyfuse::magnitude_prune", mutates_args=())
+@library_op("magnitude_prune")
 def _magnitude_prune_op(x: torch.Tensor, k: int, backend: str) -> torch.Tensor:
     return call_kernel("magnitude_prune", backend, x, k)
 
 
-@torch.library.custom_op("pyfuse::random_prune", mutates_args=())
+@library_op("random_prune")
 def _random_prune_op(x: torch.Tensor, density: float, seed: int, rescale: bool, backend: str) -> torch.Tensor:
     return call_kernel("random_prune", backend, x, density, V.from_i64(seed), rescale)
 

@@ -15,6 +15,7 @@ import torch
 from .. import _validate as V
 from .._backend import call_kernel, register_kernel, resolve_backend
 from .._ext import cpu_ext, cuda_ext, dtype_code, new_output, stream_of
+from .._library import library_op
 from ..reference import ensemble as ref
 from .maps import EnsembleTables, tables_for
 
@@ -204,7 +205,7 @@ def next_token(logits, vmap, weights=None, *, greedy: bool = True, seed: int | N
 
 # ---- custom ops --------------------------------------------------------------------------------------
 
-@torch.library.custom_op("pyfuse::union_probs", mutates_args=())
+@library_op("union_probs")
 def _union_probs_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev_offsets: list[torch.Tensor],
                     rev_ids: list[torch.Tensor], first_ids: list[torch.Tensor], multi: list[torch.Tensor],
                     max_mult: list[int], present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor,
@@ -222,7 +223,7 @@ def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult, presen
     return weights.new_empty((weights.shape[0], present.shape[0]))
 
 
-@torch.library.custom_op("pyfuse::union_topk", mutates_args=())
+@library_op("union_topk")
 def _union_topk_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev_offsets: list[torch.Tensor],
                    rev_ids: list[torch.Tensor], first_ids: list[torch.Tensor], multi: list[torch.Tensor],
                    max_mult: list[int], present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor,
@@ -242,7 +243,7 @@ def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, max_mult, presen
     return weights.new_empty((B, k)), weights.new_empty((B, k), dtype=torch.int64)
 
 
-@torch.library.custom_op("pyfuse::next_token", mutates_args=())
+@library_op("next_token")
 def _next_token_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev_offsets: list[torch.Tensor],
                    rev_ids: list[torch.Tensor], first_ids: list[torch.Tensor], multi: list[torch.Tensor],
                    max_mult: list[int], present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor,

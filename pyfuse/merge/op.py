@@ -7,6 +7,7 @@ import torch
 
 from pyfuse import _ext
 from pyfuse._backend import call_kernel, register_kernel
+from pyfuse._library import library_op
 from pyfuse.reference import merge as ref
 
 OP = "merge_task_vectors"
@@ -65,7 +66,7 @@ def della_ncols(shape) -> int:
     return shape[-1] if len(shape) == 2 else max(1, int(np.prod(shape, dtype=np.int64)))
 
 
-@torch.library.custom_op("pyfuse::merge_task_vectors", mutates_args=())
+@library_op("merge_task_vectors")
 def merge_task_vectors(base: torch.Tensor | None, models: list[torch.Tensor], weights: list[float],
                        densities: list[float], gammas: list[float], epsilons: list[float], sparsify: str,
                        rescale: str, consensus: str, consensus_weighted: bool, normalize: str, lam: float,

@@ -31,6 +31,7 @@ import torch
 
 from .. import _validate
 from .._backend import call_kernel, register_kernel, resolve_backend
+from .._library import library_op
 from .._ext import cpu_ext, cuda_ext, dtype_code, stream_of
 from ..reference import spec as ref
 from . import validate as V
@@ -159,7 +160,7 @@ def _output_like(draft_token_ids, cu, max_draft_len):
             torch.empty((batch,), dtype=torch.int32, device=dev))
 
 
-@torch.library.custom_op("pyfuse::verify_greedy", mutates_args=())
+@library_op("verify_greedy")
 def _verify_greedy_op(draft_token_ids: torch.Tensor, target_logits: torch.Tensor,
                       cu_num_draft_tokens: Optional[torch.Tensor], max_draft_len: int,
                       backend: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +172,7 @@ def _(draft_token_ids, target_logits, cu_num_draft_tokens, max_draft_len, backen
     return _output_like(draft_token_ids, cu_num_draft_tokens, max_draft_len)
 
 
-@torch.library.custom_op("pyfuse::rejection_sample", mutates_args=())
+@library_op("rejection_sample")
 def _rejection_sample_op(draft_token_ids: torch.Tensor, target: torch.Tensor, draft: Optional[torch.Tensor],
                          cu_num_draft_tokens: Optional[torch.Tensor], seeds: Optional[torch.Tensor],
                          uniforms: Optional[torch.Tensor], target_is_logits: bool, draft_is_logits: bool,
@@ -188,7 +189,7 @@ def _(draft_token_ids, target, draft, cu_num_draft_tokens, seeds, uniforms, targ
     return _output_like(draft_token_ids, cu_num_draft_tokens, max_draft_len)
 
 
-@torch.library.custom_op("pyfuse::typical_accept", mutates_args=())
+@library_op("typical_accept")
 def _typical_accept_op(draft_token_ids: torch.Tensor, target: torch.Tensor,
                        cu_num_draft_tokens: Optional[torch.Tensor], target_is_logits: bool, temperature: float,
                        posterior_threshold: float, posterior_alpha: float, max_draft_len: int,

@@ -10,6 +10,7 @@ import torch
 from .. import _validate as V
 from .._backend import call_kernel, register_kernel, resolve_backend
 from .._ext import cpu_ext, cuda_ext, dtype_code, stream_of
+from .._library import library_op
 from ..reference import spec_tree as ref
 from ..reference.philox import MASK32, philox_torch, uint_to_uniform_torch
 from . import validate as SV
@@ -136,7 +137,7 @@ def _check_values(candidates, next_token, next_sibling, target, draft, mode, voc
     checks.run()
 
 
-@torch.library.custom_op("pyfuse::verify_tree", mutates_args=())
+@library_op("verify_tree")
 def _verify_tree_op(candidates: torch.Tensor, next_token: torch.Tensor, next_sibling: torch.Tensor,
                     target: torch.Tensor, draft: Optional[torch.Tensor], mode: int, max_depth: int,
                     seeds: torch.Tensor, row_streams: bool, uniforms: Optional[torch.Tensor],
