@@ -161,12 +161,10 @@ def synthetic_map(vocab_sizes, *, overlap: float = 0.7, many_to_one: float = 0.0
         pad = padding if V > 2 * padding else 0
         n = V - pad
         shared = 0 if U == 0 else min(int(round(overlap * n)), U)
-        fwd = torch.arange(U, U + n - shared)  # the new ids, in id order among themselves
+        fwd = torch.arange(U, U + n - shared)  # new ids (numbered for now: see the renumbering below)
         if shared:
             old = torch.randperm(U, generator=gen)[:shared]
             fwd = torch.cat([old, fwd])[torch.randperm(n, generator=gen)]
-            new = fwd >= U
-            fwd[new] = torch.arange(U, U + int(new.sum()))
         dup = torch.rand(n, generator=gen) < many_to_one
         src = torch.randint(0, n, (n,), generator=gen)
         fwd = torch.where(dup, fwd[src], fwd)
