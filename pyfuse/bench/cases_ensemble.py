@@ -16,8 +16,9 @@ Peers (same logits, same map, mode "prob", absent "zero", equal weights, tempera
 Maps are synthetic (``pyfuse.ensemble.synthetic_map``): 70% of each later model's ids shared with the union
 (at random positions), 2% many-to-one, 64 padded ids per model, union ids numbered as ``VocabMap`` numbers
 them (model 0's in its id order, then each later model's new ids in its order). The shuffled numbering of
-earlier versions (``ordered=False``, a layout no real map has) made model 0's gathers random too: union_probs
-B=64 qwen2+llama3 6-10% slower with it, plain-torch ``scatter_add_`` 12% slower (same run, min and median).
+earlier versions (``ordered=False``, a layout ``VocabMap`` never builds) made model 0's gathers random too:
+union_probs B=64 qwen2+llama3 6-10% slower with it, plain-torch ``scatter_add_`` 12% slower (same run, min and
+median).
 """
 from __future__ import annotations
 

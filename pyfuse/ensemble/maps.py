@@ -153,8 +153,8 @@ def synthetic_map(vocab_sizes, *, overlap: float = 0.7, many_to_one: float = 0.0
     model (when V_m > 2 * padding) are padded rows mapped to -1.
 
     ordered: union ids are numbered as ``VocabMap`` numbers them, in order of first appearance (model 0's ids in
-    its id order, then each later model's new ids in its id order); False numbers them at random, a layout no
-    real map has (every model's ids scattered over the union)."""
+    its id order, then each later model's new ids in its id order); False numbers them at random, a layout
+    VocabMap never builds (every model's ids scattered over the union)."""
     gen = torch.Generator().manual_seed(seed)
     to_union, U = [], 0
     for V in vocab_sizes:
