@@ -17,6 +17,7 @@ import functools
 import torch
 
 _LIB = torch.library.Library("pyfuse", "FRAGMENT")
+DEFINED: list[str] = []  # names of the ops defined so far, in order
 
 
 class LibraryOp:
@@ -29,6 +30,7 @@ class LibraryOp:
         _LIB.define(name + torch.library.infer_schema(fn, mutates_args=()))
         _LIB.impl(name, fn, "CompositeExplicitAutograd")
         self.default = getattr(torch.ops.pyfuse, name).default
+        DEFINED.append(name)
 
     def register_fake(self, fake):
         torch.library.register_fake(f"pyfuse::{self.name}", fake, lib=_LIB)

@@ -64,3 +64,21 @@ def test_python_m_pyfuse_info_runs():
     assert proc.returncode == 0, proc.stderr
     for name in ("reference", "cpu", "cuda", "triton"):
         assert name in proc.stdout
+
+
+def test_import_pyfuse_registers_every_op():
+    """`import pyfuse` alone defines every torch.ops.pyfuse op (a saved or exported graph names them): importing
+    every other pyfuse module afterwards defines none."""
+    code = (
+        "import importlib, pkgutil, torch, pyfuse\n"
+        "from pyfuse import _library\n"
+        "at_import = list(_library.DEFINED)\n"
+        "for info in pkgutil.walk_packages(pyfuse.__path__, 'pyfuse.'):\n"
+        "    if not info.name.startswith(('pyfuse.__main__', 'pyfuse.integrations')):  # runs the CLI; optional peers\n"
+        "        importlib.import_module(info.name)\n"
+        "assert _library.DEFINED == at_import, sorted(set(_library.DEFINED) - set(at_import))\n"
+        "assert all(hasattr(torch.ops.pyfuse, n) for n in at_import)\n"
+        "print(len(at_import))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.split()[-1]) >= 11  # prune 2, rand, merge, ensemble 3, spec 4

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import pyfuse
-import pyfuse.prune  # registers torch.ops.pyfuse.magnitude_prune / random_prune (pyfuse imports it lazily)
 from pyfuse.reference import philox as ref_philox
 from pyfuse.reference import prune as ref
 from helpers import BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES, binomial_ok, cpu_avx512_paths
