@@ -336,16 +336,20 @@ struct Extra {
   int32_t u, v;
 };
 
+// Model m's pairs of the many-to-one union ids in [u0, u0 + n), ascending: [*begin, *end).
+void multi_in(const Args& a, int m, int64_t u0, int64_t n, const Extra** begin, const Extra** end) {
+  const Extra* all = reinterpret_cast<const Extra*>(a.multi[m]);
+  const Extra* last = all + a.num_multi[m];
+  *begin = std::lower_bound(all, last, u0, [](const Extra& q, int64_t u) { return q.u < u; });
+  *end = std::lower_bound(*begin, last, u0 + n, [](const Extra& q, int64_t u) { return q.u < u; });
+}
+
 // Model m's exponentials of union ids [u0, u0 + n) (the sum over its ids) into E[n], from its row e.
 void tile_exps(const Args& a, int m, const float* e, int64_t u0, int64_t n, float* E) {
   gather(e, a.first_ids[m] + u0, n, E);  // 0 at the many-to-one union ids (first_ids -1), so that
   // their sums below, over all their ids as (union id, model id) pairs in ascending order, start at 0 + e.
-  const Extra* extra = reinterpret_cast<const Extra*>(a.multi[m]);
-  const Extra* end = extra + a.num_multi[m];
-  for (const Extra* p = std::lower_bound(extra, end, u0, [](const Extra& q, int64_t u) { return q.u < u; });
-       p < end && p->u < u0 + n; ++p) {
-    E[p->u - u0] = E[p->u - u0] + e[p->v];
-  }
+  const Extra *p, *end;
+  for (multi_in(a, m, u0, n, &p, &end); p < end; ++p) E[p->u - u0] = E[p->u - u0] + e[p->v];
 }
 
 // key[i] = (first ? 0 + : key[i] +) w * (e[first_id[i]] * inv_s), 0 for first_id[i] < 0, over whole vectors;
@@ -385,10 +389,9 @@ void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const f
     const float t = w * ((first_id[i] >= 0 ? e[first_id[i]] : 0.0f) * inv_s);
     key[i] = first ? t : key[i] + t;
   }
-  const Extra* all = reinterpret_cast<const Extra*>(a.multi[m]);
-  const Extra* end = all + a.num_multi[m];
-  const Extra* p = std::lower_bound(all, end, u0, [](const Extra& q, int64_t u) { return q.u < u; });
-  while (p < end && p->u < u0 + n) {
+  const Extra *p, *end;
+  multi_in(a, m, u0, n, &p, &end);
+  while (p < end) {
     const int32_t u = p->u;
     float E = 0.0f;
     for (; p < end && p->u == u; ++p) E = E + e[p->v];
