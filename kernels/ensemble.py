@@ -1,5 +1,5 @@
 """Union-vocabulary ensembling in Triton: the arithmetic of pyfuse/reference/ensemble.py, operation for
-operation (Cephes exp/log from +, * and bit operations, fixed-point int64 sums), so results are
+operation (exp from a table and a cubic, Cephes log, from +, * and bit operations, fixed-point int64 sums), so results are
 bit-identical to the other backends. Launch with ``enable_fp_fusion=False``.
 
 Models are reached through int64 tables of data pointers (one entry per model), so one kernel serves any
@@ -16,24 +16,45 @@ MODE_SUM: tl.constexpr = tl.constexpr(2)  # union pass: per-tile fixed-point sum
 
 
 @triton.jit
+def _exp2_sixteenths(j):
+    """2**(j/16) for int32 j in [0, 16), the reference's EXP2_SIXTEENTHS, as a select tree on j's bits (no
+    table in memory: the same code on every GPU and in the interpreter)."""
+    b0 = (j & 1) != 0
+    t0 = tl.where(b0, 1.0442737340927124, 1.0)
+    t1 = tl.where(b0, 1.1387885808944702, 1.0905077457427979)
+    t2 = tl.where(b0, 1.2418577671051025, 1.1892070770263672)
+    t3 = tl.where(b0, 1.3542555570602417, 1.2968395948410034)
+    t4 = tl.where(b0, 1.4768261909484863, 1.4142135381698608)
+    t5 = tl.where(b0, 1.610490322113037, 1.5422108173370361)
+    t6 = tl.where(b0, 1.7562521696090698, 1.6817928552627563)
+    t7 = tl.where(b0, 1.9152065515518188, 1.8340080976486206)
+    b1 = (j & 2) != 0
+    u0 = tl.where(b1, t1, t0)
+    u1 = tl.where(b1, t3, t2)
+    u2 = tl.where(b1, t5, t4)
+    u3 = tl.where(b1, t7, t6)
+    b2 = (j & 4) != 0
+    v0 = tl.where(b2, u1, u0)
+    v1 = tl.where(b2, u3, u2)
+    return tl.where((j & 8) != 0, v1, v0)
+
+
+@triton.jit
 def exp_det(z):
     ok = z >= -87.0
     z = tl.where(ok, z, 0.0)
-    t = z * 1.44269504088896341 + 0.5
-    n = t.to(tl.int32).to(tl.float32)
-    n = tl.where(n > t, n - 1.0, n)
-    r = z - n * 0.693359375
-    r = r - n * -2.12194440e-4
-    r2 = r * r
-    p = r * 1.9875691500e-4 + 1.3981999507e-3
-    p = p * r + 8.3334519073e-3
-    p = p * r + 4.1665795894e-2
-    p = p * r + 1.6666665459e-1
-    p = p * r + 5.0000001201e-1
-    p = p * r2 + r
-    p = p + 1.0
-    scale = ((n.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
-    return tl.where(ok, p * scale, 0.0)
+    t = (z * 1.44269504088896341 + 0.03125) * 16.0
+    k = t.to(tl.int32)
+    k = tl.where(k.to(tl.float32) > t, k - 1, k)  # floor
+    kk = k.to(tl.float32) * 0.0625
+    r = z - kk * 0.693359375
+    r = r - kk * -2.12194440e-4
+    q = r * 0.16666667163372040 + 0.5
+    q = q * r + 1.0
+    q = q * r
+    tab = _exp2_sixteenths(k & 15)
+    scale = (((k >> 4) + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(ok, (tab * q + tab) * scale, 0.0)
 
 
 @triton.jit

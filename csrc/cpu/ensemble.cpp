@@ -106,10 +106,11 @@ struct NearIds {
   std::vector<int32_t>* ids = nullptr;
 };
 
-// chunk_expsum_t with AVX-512 intrinsics, the same values: exp_det's floor_small is one round-down
-// (vrndscaleps; n is an integer below 2^23 in magnitude) and its p * 2^n one vscalefps (both are the correctly
-// rounded p * 2^n). GCC compiles floor_small and the exponent-bit scale to eight instructions per vector, a
-// sixth of this compute-bound loop. The tail goes through exp_det itself. Also records the NearIds, if asked.
+// chunk_expsum_t with AVX-512 intrinsics, the same values: exp_det's floor_small(16 x) / 16 is one round-down
+// to a multiple of 1/16 (vrndscaleps), its table lookup one vpermps and its scale by 2^(k >> 4) one vscalefps
+// (the correctly rounded product, as the exponent-bit multiply is). GCC compiles floor_small and the
+// exponent-bit scale to eight instructions per vector. The tail goes through exp_det itself. Also records the
+// NearIds, if asked.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 // ahead (null: none): the same chunk in the row this thread takes next, fetched into L2 meanwhile (one line per
@@ -117,8 +118,8 @@ struct NearIds {
 // hides the transfer.
 // kDense: every id of [v0, v1) is mapped (Work::dense), so the map is not read.
 // The loop is bound by the vector floating-point port, so two operations are saved where the bits allow:
-// kUnitT (inv_t == 1): y = x, as x * 1 is x. !kStore (e null): the fixed-point operand e * 2^40 is
-// p * 2^(n + 40) in one vscalefps (both exact where e is normal; where it is not, both truncate to 0).
+// kUnitT (inv_t == 1): y = x, as x * 1 is x. !kStore (e null): the fixed-point operand e * 2^40 comes from
+// a table scaled by 2^40.
 // [v0, v1) spans at most kChunk ids (a Grid chunk: hits has room for every vector). The loop calls no function:
 // every zmm register is caller-saved, so a call in it (the NearIds push_back) made GCC keep the constants on the
 // stack; hits are buffered and pushed after.
@@ -136,13 +137,15 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
   // lanes count as 0 and a vector of them skips the arithmetic: the same sum, and real (peaked) logits have
   // most of a vocabulary there. With e, exp_det's own cut-off -87.
   const __m512 t_v = _mm512_set1_ps(inv_t), mx_v = _mm512_set1_ps(mx), lo = _mm512_set1_ps(kStore ? -87.0f : -28.0f);
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), half = _mm512_set1_ps(0.5f);
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), h32 = _mm512_set1_ps(0.03125f);
   const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
-  const __m512 p0 = _mm512_set1_ps(1.9875691500e-4f), p1 = _mm512_set1_ps(1.3981999507e-3f);
-  const __m512 p2 = _mm512_set1_ps(8.3334519073e-3f), p3 = _mm512_set1_ps(4.1665795894e-2f);
-  const __m512 p4 = _mm512_set1_ps(1.6666665459e-1f), p5 = _mm512_set1_ps(5.0000001201e-1f);
-  const __m512 one = _mm512_set1_ps(1.0f), fix_scale = _mm512_set1_ps(ensemble::kFixScale);
-  const __m512 fix_exp = _mm512_set1_ps(40.0f);  // kFixScale = 2^40
+  const __m512 q3 = _mm512_set1_ps(0.16666667163372040f), q2 = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
+  const __m512 index_magic = _mm512_set1_ps(786432.0f);  // 1.5 * 2^19
+  const __m512 fix_scale = _mm512_set1_ps(ensemble::kFixScale);
+  // Without e, a table scaled by 2^40: (t * 2^40) * q + t * 2^40 = 2^40 * (t * q + t) exactly, so the loop
+  // yields the fixed-point operand e * 2^40 with no extra operation (both exact where e is normal; where it is
+  // not, both truncate to 0).
+  const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(ensemble::kExp2Sixteenths), kStore ? one : fix_scale);
   __m512i s_lo = _mm512_setzero_si512(), s_hi = _mm512_setzero_si512();
   int64_t v = v0;
   for (; v + 16 <= v1; v += 16) {
@@ -158,25 +161,21 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
     }
     if (!kStore && ok == 0) continue;
     // exp_det's select(ok, z, 0) is left out: the lanes it would change are zeroed at the end.
-    const __m512 n = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(z, log2e), half),
-                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_sub_ps(z, _mm512_mul_ps(n, c1));
-    r = _mm512_sub_ps(r, _mm512_mul_ps(n, c2));
-    const __m512 r2 = _mm512_mul_ps(r, r);
-    __m512 p = _mm512_add_ps(_mm512_mul_ps(r, p0), p1);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), p2);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), p3);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), p4);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r), p5);
-    p = _mm512_add_ps(_mm512_mul_ps(p, r2), r);
-    p = _mm512_add_ps(p, one);
-    __m512 f;
+    // kk = k / 16 in one round-down to a multiple of 1/16; kk + 1.5 * 2^19 has ulp 1/16, so its low four
+    // mantissa bits are k & 15, the table index vpermps reads (it ignores the other bits).
+    const __m512 kk = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(z, log2e), h32),
+                                           (4 << 4) | _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_sub_ps(z, _mm512_mul_ps(kk, c1));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(kk, c2));
+    __m512 q = _mm512_add_ps(_mm512_mul_ps(r, q3), q2);
+    q = _mm512_add_ps(_mm512_mul_ps(q, r), one);
+    q = _mm512_mul_ps(q, r);
+    const __m512 t = _mm512_permutexvar_ps(_mm512_castps_si512(_mm512_add_ps(kk, index_magic)), table);
+    // vscalefps scales by 2^floor(kk) = 2^(k >> 4).
+    __m512 f = _mm512_maskz_scalef_ps(ok, _mm512_add_ps(_mm512_mul_ps(t, q), t), kk);
     if constexpr (kStore) {
-      const __m512 ev = _mm512_maskz_scalef_ps(ok, p, n);
-      _mm512_storeu_ps(e + v, ev);
-      f = _mm512_mul_ps(ev, fix_scale);
-    } else {
-      f = _mm512_maskz_scalef_ps(ok, p, _mm512_add_ps(n, fix_exp));
+      _mm512_storeu_ps(e + v, f);
+      f = _mm512_mul_ps(f, fix_scale);
     }
     const __m256 f_hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1));
     s_lo = _mm512_add_epi64(s_lo, _mm512_cvttps_epi64(_mm512_castps512_ps256(f)));

@@ -1,7 +1,7 @@
 // Union-vocabulary ensembling: per-element math shared by the CPU and CUDA kernels, and the argument
 // block both receive. The arithmetic is the specification's (pyfuse/reference/ensemble.py) operation for
-// operation: Cephes exp/log from +, * and bit operations (no libm, no FMA: -ffp-contract=off /
-// -fmad=false), and fixed-point int64 sums, so every backend produces the same bits.
+// operation: exp (a table and a cubic) and Cephes log from +, * and bit operations (no libm, no FMA:
+// -ffp-contract=off / -fmad=false), and fixed-point int64 sums, so every backend produces the same bits.
 #pragma once
 
 #include "pyfuse/common.h"
@@ -58,23 +58,40 @@ PYFUSE_HD float floor_small(float x) {
   return select(t > x, t - 1.0f, t);
 }
 
-// exp(z) for z <= 0; 0 for z < -87, -inf or NaN; exactly 1 at 0.
+// 2^(j/16), j = 0..15, rounded to float: exp_det's table (pyfuse/reference/ensemble.py: EXP2_SIXTEENTHS).
+#define PYFUSE_EXP2_SIXTEENTHS                                                                         \
+  {0x1p+0f,         0x1.0b5586p+0f, 0x1.172b84p+0f, 0x1.2387a6p+0f, 0x1.306fe0p+0f, 0x1.3dea64p+0f,   \
+   0x1.4bfdaep+0f,  0x1.5ab07ep+0f, 0x1.6a09e6p+0f, 0x1.7a1148p+0f, 0x1.8ace54p+0f, 0x1.9c4918p+0f,   \
+   0x1.ae89fap+0f,  0x1.c199bep+0f, 0x1.d5818ep+0f, 0x1.ea4afap+0f}
+constexpr float kExp2Sixteenths[16] = PYFUSE_EXP2_SIXTEENTHS;
+#if defined(__CUDACC__)
+__device__ const float kExp2SixteenthsDevice[16] = PYFUSE_EXP2_SIXTEENTHS;
+#endif
+
+PYFUSE_HD float exp2_sixteenths(int32_t j) {
+#if defined(__CUDA_ARCH__)
+  return kExp2SixteenthsDevice[j];
+#else
+  return kExp2Sixteenths[j];
+#endif
+}
+
+// exp(z) for z <= 0, within 1.1 ulp; 0 for z < -87, -inf or NaN; exactly 1 at 0. z = k ln2/16 + r,
+// exp(z) = 2^(k >> 4) * t * (1 + q), t = 2^((k & 15) / 16), q = r + r^2/2 + r^3/6 (the reference's docstring
+// says why this form).
 PYFUSE_HD float exp_det(float z) {
   const bool ok = z >= -87.0f;
   z = select(ok, z, 0.0f);
-  const float n = floor_small(z * 1.44269504088896341f + 0.5f);
-  float r = z - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  const float r2 = r * r;
-  float p = r * 1.9875691500e-4f + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r;
-  p = p + 1.0f;
-  const float scale = bits_float(static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23);
-  return select(ok, p * scale, 0.0f);
+  const float kk = floor_small((z * 1.44269504088896341f + 0.03125f) * 16.0f) * 0.0625f;  // k / 16
+  float r = z - kk * 0.693359375f;
+  r = r - kk * -2.12194440e-4f;
+  float q = r * 0.16666667163372040f + 0.5f;
+  q = q * r + 1.0f;
+  q = q * r;
+  const int32_t k = static_cast<int32_t>(kk * 16.0f);
+  const float t = exp2_sixteenths(k & 15);
+  const float scale = bits_float(static_cast<uint32_t>((k >> 4) + 127) << 23);
+  return select(ok, (t * q + t) * scale, 0.0f);
 }
 
 // log(x) for x >= 0; -inf below FLT_MIN.
