@@ -146,7 +146,10 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
   // yields the fixed-point operand e * 2^40 with no extra operation (both exact where e is normal; where it is
   // not, both truncate to 0).
   const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(ensemble::kExp2Sixteenths), kStore ? one : fix_scale);
-  __m512i s_lo = _mm512_setzero_si512(), s_hi = _mm512_setzero_si512();
+  constexpr uint32_t kSplitBits = 0x55400000u;  // 1.5 * 2^43: ulp 2^20
+  const __m512 split_v = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(kSplitBits)));
+  __m512i hi_bits = _mm512_setzero_si512(), lo_sum = _mm512_setzero_si512();
+  uint32_t summed = 0;  // vectors added to hi_bits
   int64_t v = v0;
   for (; v + 16 <= v1; v += 16) {
     if (ahead != nullptr) _mm_prefetch(ahead + v * dtype_size(DT), _MM_HINT_T1);
@@ -177,11 +180,24 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
       _mm512_storeu_ps(e + v, f);
       f = _mm512_mul_ps(f, fix_scale);
     }
-    const __m256 f_hi = _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(f), 1));
-    s_lo = _mm512_add_epi64(s_lo, _mm512_cvttps_epi64(_mm512_castps512_ps256(f)));
-    s_hi = _mm512_add_epi64(s_hi, _mm512_cvttps_epi64(f_hi));
+    // fix(e) = floor(f), f = e * 2^40 in [0, 2^40], without converting to int64 (two vcvttps2qq and an
+    // extract cost a third of this loop): f + kSplit rounds f to a multiple H of 2^20 (that sum's ulp), whose
+    // bits are kSplit's plus H / 2^20 <= 2^20; L = f - H is exact, |L| <= 2^19, and floor(f) = H + floor(L).
+    const __m512 split = _mm512_add_ps(f, split_v);
+    const __m512 low = _mm512_sub_ps(f, _mm512_sub_ps(split, split_v));
+    hi_bits = _mm512_add_epi32(hi_bits, _mm512_castps_si512(split));
+    lo_sum = _mm512_add_epi32(lo_sum, _mm512_cvt_roundps_epi32(low, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC));
+    ++summed;
   }
-  int64_t s = _mm512_reduce_add_epi64(_mm512_add_epi64(s_lo, s_hi));
+  // At most kChunk / 16 = 2048 vectors: per lane, the H / 2^20 sum <= 2^31 (fits uint32 once the kSplit bits
+  // added per vector are taken off, modulo 2^32) and |L| sum <= 2^30.
+  static_assert(kChunk / 16 <= 2048, "fixed-point lane sums of expsum_loop could overflow");
+  const __m512i hi = _mm512_sub_epi32(hi_bits, _mm512_set1_epi32(static_cast<int32_t>(summed * kSplitBits)));
+  int64_t s = _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(hi)),
+                                                       _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(hi, 1))))
+              << 20;
+  s += _mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(lo_sum)),
+                                                _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(lo_sum, 1))));
   for (int64_t h = 0; h < num_hits; ++h) {
     for (uint32_t lanes = hits[h].lanes; lanes != 0; lanes &= lanes - 1) {
       near.ids->push_back(static_cast<int32_t>(hits[h].v + __builtin_ctz(lanes)));
