@@ -1,6 +1,6 @@
 """Union-vocabulary ensembling in Triton: the arithmetic of pyfuse/reference/ensemble.py, operation for
-operation (exp from a table and a cubic, Cephes log, from +, * and bit operations, fixed-point int64 sums), so results are
-bit-identical to the other backends. Launch with ``enable_fp_fusion=False``.
+operation (exp from a table and a quadratic, Cephes log, from +, * and bit operations, fixed-point int64
+sums), so results are bit-identical to the other backends. Launch with ``enable_fp_fusion=False``.
 
 Models are reached through int64 tables of data pointers (one entry per model), so one kernel serves any
 number of models whose vocabularies differ in size.
@@ -16,45 +16,58 @@ MODE_SUM: tl.constexpr = tl.constexpr(2)  # union pass: per-tile fixed-point sum
 
 
 @triton.jit
-def _exp2_sixteenths(j):
-    """2**(j/16) for int32 j in [0, 16), the reference's EXP2_SIXTEENTHS, as a select tree on j's bits (no
+def _exp2_thirtyseconds(j):
+    """2**(j/32) for int32 j in [0, 32), the reference's EXP2_THIRTYSECONDS, as a select tree on j's bits (no
     table in memory: the same code on every GPU and in the interpreter)."""
     b0 = (j & 1) != 0
-    t0 = tl.where(b0, 1.0442737340927124, 1.0)
-    t1 = tl.where(b0, 1.1387885808944702, 1.0905077457427979)
-    t2 = tl.where(b0, 1.2418577671051025, 1.1892070770263672)
-    t3 = tl.where(b0, 1.3542555570602417, 1.2968395948410034)
-    t4 = tl.where(b0, 1.4768261909484863, 1.4142135381698608)
-    t5 = tl.where(b0, 1.610490322113037, 1.5422108173370361)
-    t6 = tl.where(b0, 1.7562521696090698, 1.6817928552627563)
-    t7 = tl.where(b0, 1.9152065515518188, 1.8340080976486206)
+    t0 = tl.where(b0, 1.0218971967697144, 1.0)
+    t1 = tl.where(b0, 1.0671404600143433, 1.0442737340927124)
+    t2 = tl.where(b0, 1.114386796951294, 1.0905077457427979)
+    t3 = tl.where(b0, 1.1637248992919922, 1.1387885808944702)
+    t4 = tl.where(b0, 1.215247392654419, 1.1892070770263672)
+    t5 = tl.where(b0, 1.2690509557724, 1.2418577671051025)
+    t6 = tl.where(b0, 1.3252366781234741, 1.2968395948410034)
+    t7 = tl.where(b0, 1.3839099407196045, 1.3542555570602417)
+    t8 = tl.where(b0, 1.4451807737350464, 1.4142135381698608)
+    t9 = tl.where(b0, 1.5091644525527954, 1.4768261909484863)
+    t10 = tl.where(b0, 1.5759809017181396, 1.5422108173370361)
+    t11 = tl.where(b0, 1.6457555294036865, 1.610490322113037)
+    t12 = tl.where(b0, 1.7186193466186523, 1.6817928552627563)
+    t13 = tl.where(b0, 1.7947090864181519, 1.7562521696090698)
+    t14 = tl.where(b0, 1.8741676807403564, 1.8340080976486206)
+    t15 = tl.where(b0, 1.9571441411972046, 1.9152065515518188)
     b1 = (j & 2) != 0
     u0 = tl.where(b1, t1, t0)
     u1 = tl.where(b1, t3, t2)
     u2 = tl.where(b1, t5, t4)
     u3 = tl.where(b1, t7, t6)
+    u4 = tl.where(b1, t9, t8)
+    u5 = tl.where(b1, t11, t10)
+    u6 = tl.where(b1, t13, t12)
+    u7 = tl.where(b1, t15, t14)
     b2 = (j & 4) != 0
     v0 = tl.where(b2, u1, u0)
     v1 = tl.where(b2, u3, u2)
-    return tl.where((j & 8) != 0, v1, v0)
+    v2 = tl.where(b2, u5, u4)
+    v3 = tl.where(b2, u7, u6)
+    b3 = (j & 8) != 0
+    w0 = tl.where(b3, v1, v0)
+    w1 = tl.where(b3, v3, v2)
+    return tl.where((j & 16) != 0, w1, w0)
 
 
 @triton.jit
 def exp_det(z):
     ok = z >= -87.0
     z = tl.where(ok, z, 0.0)
-    t = (z * 1.44269504088896341 + 0.03125) * 16.0
-    k = t.to(tl.int32)
-    k = tl.where(k.to(tl.float32) > t, k - 1, k)  # floor
-    kk = k.to(tl.float32) * 0.0625
+    kk = (z * 1.44269504088896341 + 393216.0) - 393216.0  # k / 32: the add rounds to a multiple of 1/32
     r = z - kk * 0.693359375
     r = r - kk * -2.12194440e-4
-    q = r * 0.16666667163372040 + 0.5
-    q = q * r + 1.0
-    q = q * r
-    tab = _exp2_sixteenths(k & 15)
-    scale = (((k >> 4) + 127) << 23).to(tl.float32, bitcast=True)
-    return tl.where(ok, (tab * q + tab) * scale, 0.0)
+    q = (r * 0.49996230006217957 + 1.000014305114746) * r
+    k = (kk * 32.0).to(tl.int32)
+    t = _exp2_thirtyseconds(k & 31)
+    scale = (((k >> 5) + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(ok, (t * q + t) * scale, 0.0)
 
 
 @triton.jit

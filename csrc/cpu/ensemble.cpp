@@ -106,11 +106,10 @@ struct NearIds {
   std::vector<int32_t>* ids = nullptr;
 };
 
-// chunk_expsum_t with AVX-512 intrinsics, the same values: exp_det's floor_small(16 x) / 16 is one round-down
-// to a multiple of 1/16 (vrndscaleps), its table lookup one vpermps and its scale by 2^(k >> 4) one vscalefps
-// (the correctly rounded product, as the exponent-bit multiply is). GCC compiles floor_small and the
-// exponent-bit scale to eight instructions per vector. The tail goes through exp_det itself. Also records the
-// NearIds, if asked.
+// chunk_expsum_t with AVX-512 intrinsics, the same values: exp_det's table lookup is one vpermt2ps whose
+// index is the rounding add itself (its low five mantissa bits are k & 31; vpermt2ps ignores the others), and
+// its scale by 2^(k >> 5) one vscalefps by 2^floor(kk) (the correctly rounded product, as the exponent-bit
+// multiply is). The tail goes through exp_det itself. Also records the NearIds, if asked.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 // ahead (null: none): the same chunk in the row this thread takes next, fetched into L2 meanwhile (one line per
@@ -137,15 +136,16 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
   // lanes count as 0 and a vector of them skips the arithmetic: the same sum, and real (peaked) logits have
   // most of a vocabulary there. With e, exp_det's own cut-off -87.
   const __m512 t_v = _mm512_set1_ps(inv_t), mx_v = _mm512_set1_ps(mx), lo = _mm512_set1_ps(kStore ? -87.0f : -28.0f);
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), h32 = _mm512_set1_ps(0.03125f);
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), round_v = _mm512_set1_ps(ensemble::kRound32nds);
   const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
-  const __m512 q3 = _mm512_set1_ps(0.16666667163372040f), q2 = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-  const __m512 index_magic = _mm512_set1_ps(786432.0f);  // 1.5 * 2^19
+  const __m512 q1 = _mm512_set1_ps(ensemble::kExpC1), q2 = _mm512_set1_ps(ensemble::kExpC2);
   const __m512 fix_scale = _mm512_set1_ps(ensemble::kFixScale);
   // Without e, a table scaled by 2^40: (t * 2^40) * q + t * 2^40 = 2^40 * (t * q + t) exactly, so the loop
   // yields the fixed-point operand e * 2^40 with no extra operation (both exact where e is normal; where it is
   // not, both truncate to 0).
-  const __m512 table = _mm512_mul_ps(_mm512_loadu_ps(ensemble::kExp2Sixteenths), kStore ? one : fix_scale);
+  const __m512 table_scale = kStore ? _mm512_set1_ps(1.0f) : fix_scale;
+  const __m512 table_lo = _mm512_mul_ps(_mm512_loadu_ps(ensemble::kExp2ThirtySeconds), table_scale);
+  const __m512 table_hi = _mm512_mul_ps(_mm512_loadu_ps(ensemble::kExp2ThirtySeconds + 16), table_scale);
   constexpr uint32_t kSplitBits = 0x55400000u;  // 1.5 * 2^43: ulp 2^20
   const __m512 split_v = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(kSplitBits)));
   __m512i hi_bits = _mm512_setzero_si512(), lo_sum = _mm512_setzero_si512();
@@ -164,17 +164,13 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
     }
     if (!kStore && ok == 0) continue;
     // exp_det's select(ok, z, 0) is left out: the lanes it would change are zeroed at the end.
-    // kk = k / 16 in one round-down to a multiple of 1/16; kk + 1.5 * 2^19 has ulp 1/16, so its low four
-    // mantissa bits are k & 15, the table index vpermps reads (it ignores the other bits).
-    const __m512 kk = _mm512_roundscale_ps(_mm512_add_ps(_mm512_mul_ps(z, log2e), h32),
-                                           (4 << 4) | _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 rounded = _mm512_add_ps(_mm512_mul_ps(z, log2e), round_v);
+    const __m512 kk = _mm512_sub_ps(rounded, round_v);  // k / 32
     __m512 r = _mm512_sub_ps(z, _mm512_mul_ps(kk, c1));
     r = _mm512_sub_ps(r, _mm512_mul_ps(kk, c2));
-    __m512 q = _mm512_add_ps(_mm512_mul_ps(r, q3), q2);
-    q = _mm512_add_ps(_mm512_mul_ps(q, r), one);
-    q = _mm512_mul_ps(q, r);
-    const __m512 t = _mm512_permutexvar_ps(_mm512_castps_si512(_mm512_add_ps(kk, index_magic)), table);
-    // vscalefps scales by 2^floor(kk) = 2^(k >> 4).
+    const __m512 q = _mm512_mul_ps(_mm512_add_ps(_mm512_mul_ps(r, q2), q1), r);
+    const __m512 t = _mm512_permutex2var_ps(table_lo, _mm512_castps_si512(rounded), table_hi);
+    // vscalefps scales by 2^floor(kk) = 2^(k >> 5).
     __m512 f = _mm512_maskz_scalef_ps(ok, _mm512_add_ps(_mm512_mul_ps(t, q), t), kk);
     if constexpr (kStore) {
       _mm512_storeu_ps(e + v, f);

@@ -16,7 +16,7 @@ weights w [M] (normalised to sum 1, >= 0). Only ids with ``to_union[m][v] >= 0``
    with absent="zero" the keys already sum to 1 (up to rounding): inv_z = 1 there, p(u) = key(u).
 
 Bit-exact on every backend: every float operation above is a single IEEE operation in a fixed order,
-``exp_det`` (a 16-entry table and a cubic) and ``log_det`` (Cephes) use +, * and bit operations only (no libm, no FMA),
+``exp_det`` (a 32-entry table and a quadratic) and ``log_det`` (Cephes) use +, * and bit operations only (no libm, no FMA),
 and sums over sets whose order would depend on the tiling are fixed-point int64 sums (units 2**-40,
 truncated), which are exact and order-free. ``fix(v) = trunc(v * 2**40)``; S, Z as floats are
 ``fp32(int) * 2**-40``.
@@ -33,34 +33,40 @@ EXP_LOW = -87.0  # exp_det(z) = 0 below: keeps 2**n a normal float
 FLT_MIN = 1.1754943508222875e-38  # log_det(x) = -inf below (no subnormal frexp)
 
 
-# 2**(j/16), j = 0..15, rounded to float32: exp_det's table (the same values in every backend).
-EXP2_SIXTEENTHS = tuple(float.fromhex(h) for h in (
-    "0x1p+0", "0x1.0b5586p+0", "0x1.172b84p+0", "0x1.2387a6p+0", "0x1.306fe0p+0", "0x1.3dea64p+0", "0x1.4bfdaep+0",
-    "0x1.5ab07ep+0", "0x1.6a09e6p+0", "0x1.7a1148p+0", "0x1.8ace54p+0", "0x1.9c4918p+0", "0x1.ae89fap+0",
-    "0x1.c199bep+0", "0x1.d5818ep+0", "0x1.ea4afap+0"))
-_EXP2_TABLE = torch.tensor(EXP2_SIXTEENTHS, dtype=torch.float32)
+# 2**(j/32), j = 0..31, rounded to float32: exp_det's table (the same values in every backend).
+EXP2_THIRTYSECONDS = tuple(float.fromhex(h) for h in (
+    "0x1p+0", "0x1.059b0ep+0", "0x1.0b5586p+0", "0x1.11301ep+0", "0x1.172b84p+0", "0x1.1d4874p+0", "0x1.2387a6p+0",
+    "0x1.29e9e0p+0", "0x1.306fe0p+0", "0x1.371a74p+0", "0x1.3dea64p+0", "0x1.44e086p+0", "0x1.4bfdaep+0",
+    "0x1.5342b6p+0", "0x1.5ab07ep+0", "0x1.6247ecp+0", "0x1.6a09e6p+0", "0x1.71f75ep+0", "0x1.7a1148p+0",
+    "0x1.82589ap+0", "0x1.8ace54p+0", "0x1.93737cp+0", "0x1.9c4918p+0", "0x1.a5503cp+0", "0x1.ae89fap+0",
+    "0x1.b7f770p+0", "0x1.c199bep+0", "0x1.cb720ep+0", "0x1.d5818ep+0", "0x1.dfc974p+0", "0x1.ea4afap+0",
+    "0x1.f50766p+0"))
+_EXP2_TABLE = torch.tensor(EXP2_THIRTYSECONDS, dtype=torch.float32)
+ROUND_32NDS = 393216.0  # 1.5 * 2**18: a float32 in [2**18, 2**19) has ulp 1/32
+EXP_C1 = 1.000014305114746  # exp(r) - 1 ~ r * (EXP_C1 + EXP_C2 * r) on |r| <= ln2/64, fitted (float32 values)
+EXP_C2 = 0.49996230006217957
 
 
 def exp_det(z: torch.Tensor) -> torch.Tensor:
-    """exp(z) for float32 z <= 0, within 1.1 ulp; 0 for z < -87, -inf or NaN. Exactly 1 at z = 0.
+    """exp(z) for float32 z <= 0, within 1.7 ulp; 0 for z < -87, -inf or NaN. Exactly 1 at z = 0.
 
-    z = k ln2/16 + r with k = round(16 z / ln2) (as floor(16 (z log2e + 1/32))), |r| <= ln2/32 (Cody-Waite,
-    Cephes' two-part ln2); exp(z) = 2**(k >> 4) * t * (1 + q) with t = 2**((k & 15)/16) from a table and
-    q = r + r^2/2 + r^3/6 (Taylor: |r|^4/24 < 1e-8), evaluated as t*q + t. A vector CPU loop needs about 15
-    instructions per 16 values (vrndscaleps rounds to 1/16 directly, vpermps is the lookup, vscalefps the
-    scale), against about 22 for the degree-7 Cephes polynomial over |r| <= ln2/2 that this replaced.
+    z = k ln2/32 + r, k = round-to-nearest(32 z log2e) (computed as (z log2e + 1.5 * 2**18) - 1.5 * 2**18: the
+    add rounds to a multiple of 1/32), |r| <= ln2/64 (Cody-Waite with Cephes' two-part ln2); exp(z) =
+    2**(k >> 5) * t * (1 + q), t = 2**((k & 31)/32) from a table, q = r * (C1 + C2 r), a quadratic fitted for
+    the least maximum error, evaluated as t*q + t. A vector CPU loop needs about 14 floating-point
+    instructions per 16 values (the low five mantissa bits of the rounding add are the table index of one
+    vpermt2ps, vscalefps does the scale), against about 22 for Cephes' degree-7 polynomial over
+    |r| <= ln2/2 that this replaced: the exponential passes are bound by that instruction count.
     """
     ok = z >= EXP_LOW
     z = torch.where(ok, z, torch.zeros_like(z))
-    kk = torch.floor((z * 1.44269504088896341 + 0.03125) * 16.0) * 0.0625  # k / 16, exact
+    kk = (z * 1.44269504088896341 + ROUND_32NDS) - ROUND_32NDS  # k / 32, exact
     r = z - kk * 0.693359375
     r = r - kk * -2.12194440e-4
-    q = r * 0.16666667163372040 + 0.5
-    q = q * r + 1.0
-    q = q * r
-    k = (kk * 16.0).to(torch.int32)
-    t = _EXP2_TABLE.to(z.device)[(k & 15).long()]
-    scale = (((k >> 4) + 127) << 23).view(torch.float32)
+    q = (r * EXP_C2 + EXP_C1) * r
+    k = (kk * 32.0).to(torch.int32)
+    t = _EXP2_TABLE.to(z.device)[(k & 31).long()]
+    scale = (((k >> 5) + 127) << 23).view(torch.float32)
     return torch.where(ok, (t * q + t) * scale, torch.zeros_like(z))
 
 

@@ -1,6 +1,6 @@
 // Union-vocabulary ensembling: per-element math shared by the CPU and CUDA kernels, and the argument
 // block both receive. The arithmetic is the specification's (pyfuse/reference/ensemble.py) operation for
-// operation: exp (a table and a cubic) and Cephes log from +, * and bit operations (no libm, no FMA:
+// operation: exp (a table and a quadratic) and Cephes log from +, * and bit operations (no libm, no FMA:
 // -ffp-contract=off / -fmad=false), and fixed-point int64 sums, so every backend produces the same bits.
 #pragma once
 
@@ -52,45 +52,42 @@ PYFUSE_HD float select(bool c, float a, float b) {
   return bits_float((float_bits(a) & mask) | (float_bits(b) & ~mask));
 }
 
-// floorf without libm, exact for |x| < 2^23 (the range exp_det uses).
-PYFUSE_HD float floor_small(float x) {
-  const float t = static_cast<float>(static_cast<int32_t>(x));
-  return select(t > x, t - 1.0f, t);
-}
-
-// 2^(j/16), j = 0..15, rounded to float: exp_det's table (pyfuse/reference/ensemble.py: EXP2_SIXTEENTHS).
-#define PYFUSE_EXP2_SIXTEENTHS                                                                         \
-  {0x1p+0f,         0x1.0b5586p+0f, 0x1.172b84p+0f, 0x1.2387a6p+0f, 0x1.306fe0p+0f, 0x1.3dea64p+0f,   \
-   0x1.4bfdaep+0f,  0x1.5ab07ep+0f, 0x1.6a09e6p+0f, 0x1.7a1148p+0f, 0x1.8ace54p+0f, 0x1.9c4918p+0f,   \
-   0x1.ae89fap+0f,  0x1.c199bep+0f, 0x1.d5818ep+0f, 0x1.ea4afap+0f}
-constexpr float kExp2Sixteenths[16] = PYFUSE_EXP2_SIXTEENTHS;
+// 2^(j/32), j = 0..31, rounded to float: exp_det's table (pyfuse/reference/ensemble.py: EXP2_THIRTYSECONDS).
+#define PYFUSE_EXP2_THIRTYSECONDS \
+  {0x1.000000p+0f, 0x1.059b0ep+0f, 0x1.0b5586p+0f, 0x1.11301ep+0f, 0x1.172b84p+0f, 0x1.1d4874p+0f,  \
+   0x1.2387a6p+0f, 0x1.29e9e0p+0f, 0x1.306fe0p+0f, 0x1.371a74p+0f, 0x1.3dea64p+0f, 0x1.44e086p+0f,  \
+   0x1.4bfdaep+0f, 0x1.5342b6p+0f, 0x1.5ab07ep+0f, 0x1.6247ecp+0f, 0x1.6a09e6p+0f, 0x1.71f75ep+0f,  \
+   0x1.7a1148p+0f, 0x1.82589ap+0f, 0x1.8ace54p+0f, 0x1.93737cp+0f, 0x1.9c4918p+0f, 0x1.a5503cp+0f,  \
+   0x1.ae89fap+0f, 0x1.b7f770p+0f, 0x1.c199bep+0f, 0x1.cb720ep+0f, 0x1.d5818ep+0f, 0x1.dfc974p+0f,  \
+   0x1.ea4afap+0f, 0x1.f50766p+0f}
+constexpr float kExp2ThirtySeconds[32] = PYFUSE_EXP2_THIRTYSECONDS;
 #if defined(__CUDACC__)
-__device__ const float kExp2SixteenthsDevice[16] = PYFUSE_EXP2_SIXTEENTHS;
+__device__ const float kExp2ThirtySecondsDevice[32] = PYFUSE_EXP2_THIRTYSECONDS;
 #endif
+constexpr float kRound32nds = 393216.0f;  // 1.5 * 2^18: a float in [2^18, 2^19) has ulp 1/32
+constexpr float kExpC1 = 1.000014305114746f, kExpC2 = 0.49996230006217957f;
 
-PYFUSE_HD float exp2_sixteenths(int32_t j) {
+PYFUSE_HD float exp2_thirtyseconds(int32_t j) {
 #if defined(__CUDA_ARCH__)
-  return kExp2SixteenthsDevice[j];
+  return kExp2ThirtySecondsDevice[j];
 #else
-  return kExp2Sixteenths[j];
+  return kExp2ThirtySeconds[j];
 #endif
 }
 
-// exp(z) for z <= 0, within 1.1 ulp; 0 for z < -87, -inf or NaN; exactly 1 at 0. z = k ln2/16 + r,
-// exp(z) = 2^(k >> 4) * t * (1 + q), t = 2^((k & 15) / 16), q = r + r^2/2 + r^3/6 (the reference's docstring
+// exp(z) for z <= 0, within 1.7 ulp; 0 for z < -87, -inf or NaN; exactly 1 at 0. z = k ln2/32 + r,
+// exp(z) = 2^(k >> 5) * t * (1 + q), t = 2^((k & 31) / 32), q = r * (C1 + C2 r) (the reference's docstring
 // says why this form).
 PYFUSE_HD float exp_det(float z) {
   const bool ok = z >= -87.0f;
   z = select(ok, z, 0.0f);
-  const float kk = floor_small((z * 1.44269504088896341f + 0.03125f) * 16.0f) * 0.0625f;  // k / 16
+  const float kk = (z * 1.44269504088896341f + kRound32nds) - kRound32nds;  // k / 32: the add rounds
   float r = z - kk * 0.693359375f;
   r = r - kk * -2.12194440e-4f;
-  float q = r * 0.16666667163372040f + 0.5f;
-  q = q * r + 1.0f;
-  q = q * r;
-  const int32_t k = static_cast<int32_t>(kk * 16.0f);
-  const float t = exp2_sixteenths(k & 15);
-  const float scale = bits_float(static_cast<uint32_t>((k >> 4) + 127) << 23);
+  const float q = (r * kExpC2 + kExpC1) * r;
+  const int32_t k = static_cast<int32_t>(kk * 32.0f);
+  const float t = exp2_thirtyseconds(k & 31);
+  const float scale = bits_float(static_cast<uint32_t>((k >> 5) + 127) << 23);
   return select(ok, (t * q + t) * scale, 0.0f);
 }
 
