@@ -29,7 +29,7 @@ FIX_SCALE = float(1 << 40)
 FIX_UNIT = 1.0 / FIX_SCALE
 # Philox purpose word (counter c3) of next_token sampling: ASCII "ENSM". Counter = (row, 0, stream, purpose).
 SAMPLE_PURPOSE = 0x454E534D
-EXP_LOW = -87.0  # exp_det(z) = 0 below: keeps 2**n a normal float
+EXP_LOW = -87.0  # exp_det(z) = 0 below: keeps the scale 2**(k >> 5) and the result normal floats
 FLT_MIN = 1.1754943508222875e-38  # log_det(x) = -inf below (no subnormal frexp)
 
 
@@ -48,7 +48,7 @@ EXP_C2 = 0.49996230006217957
 
 
 def exp_det(z: torch.Tensor) -> torch.Tensor:
-    """exp(z) for float32 z <= 0, within 1.7 ulp; 0 for z < -87, -inf or NaN. Exactly 1 at z = 0.
+    """exp(z) for float32 z <= 0, within 1.73 ulp (1.72 at z = -0.76896); 0 for z < -87, -inf or NaN. Exactly 1 at z = 0.
 
     z = k ln2/32 + r, k = round-to-nearest(32 z log2e) (computed as (z log2e + 1.5 * 2**18) - 1.5 * 2**18: the
     add rounds to a multiple of 1/32), |r| <= ln2/64 (Cody-Waite with Cephes' two-part ln2); exp(z) =

@@ -75,7 +75,7 @@ PYFUSE_HD float exp2_thirtyseconds(int32_t j) {
 #endif
 }
 
-// exp(z) for z <= 0, within 1.7 ulp; 0 for z < -87, -inf or NaN; exactly 1 at 0. z = k ln2/32 + r,
+// exp(z) for z <= 0, within 1.73 ulp; 0 for z < -87, -inf or NaN; exactly 1 at 0. z = k ln2/32 + r,
 // exp(z) = 2^(k >> 5) * t * (1 + q), t = 2^((k & 31) / 32), q = r * (C1 + C2 r) (the reference's docstring
 // says why this form).
 PYFUSE_HD float exp_det(float z) {
