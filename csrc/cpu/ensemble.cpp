@@ -74,18 +74,39 @@ PYFUSE_INLINE void chunk_max_t(const void* x, const int32_t* fwd, int64_t v0, in
   *at_out = at;
 }
 
+// fix(e) for e in [0, 1], in 32-bit steps that AVX2 (and SSE2) vectorize: the int64 conversion in fix() has no
+// packed form below AVX-512, so a loop using it stays scalar (~4x slower here). f = e * 2^40 plus 1.5 * 2^43
+// rounds f to a multiple H of 2^20, whose bits are that constant's plus H / 2^20; L = f - H is exact, |L| <=
+// 2^19, and floor(f) = H + floor(L): the same integer (expsum_loop does the same with AVX-512 intrinsics).
+constexpr float kSplit = 13194139533312.0f;  // 1.5 * 2^43: a float there has ulp 2^20
+constexpr uint32_t kSplitBits = 0x55400000u;  // its bits
+PYFUSE_INLINE int64_t fix_unit(float e) {
+  const float f = e * ensemble::kFixScale;
+  const float split = f + kSplit;
+  const float low = f - (split - kSplit);
+  const int32_t high = static_cast<int32_t>(float_bits(split) - kSplitBits);
+  const int32_t trunc = static_cast<int32_t>(low);
+  const int32_t floor_low = static_cast<float>(trunc) > low ? trunc - 1 : trunc;
+  return (static_cast<int64_t>(high) << 20) + floor_low;
+}
+
 // Fixed-point sum of e_v = exp_det(y_v - mx) over the valid ids in [v0, v1) (0 at the others), and e_v
-// into e[v] unless e is null.
-template <int DT>
-PYFUSE_INLINE int64_t chunk_expsum_t(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t,
-                                     float mx, float* e) {
+// into e[v] unless e is null. One loop per case: a branch on e inside kept GCC from vectorizing it.
+template <int DT, bool kStore>
+PYFUSE_INLINE int64_t expsum_t(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx,
+                               float* e) {
   int64_t s = 0;
   for (int64_t v = v0; v < v1; ++v) {
     const float ev = ensemble::select(fwd[v] >= 0, exp_det(load_float(x, DT, v) * inv_t - mx), 0.0f);
-    if (e) e[v] = ev;
-    s += fix(ev);
+    if constexpr (kStore) e[v] = ev;
+    s += fix_unit(ev);
   }
   return s;
+}
+template <int DT>
+PYFUSE_INLINE int64_t chunk_expsum_t(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t,
+                                     float mx, float* e) {
+  return e ? expsum_t<DT, true>(x, fwd, v0, v1, inv_t, mx, e) : expsum_t<DT, false>(x, fwd, v0, v1, inv_t, mx, e);
 }
 
 #define PYFUSE_PER_DTYPE(name, impl, DT, params, args) \
@@ -146,8 +167,7 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
   const __m512 table_scale = kStore ? _mm512_set1_ps(1.0f) : fix_scale;
   const __m512 table_lo = _mm512_mul_ps(_mm512_loadu_ps(ensemble::kExp2ThirtySeconds), table_scale);
   const __m512 table_hi = _mm512_mul_ps(_mm512_loadu_ps(ensemble::kExp2ThirtySeconds + 16), table_scale);
-  constexpr uint32_t kSplitBits = 0x55400000u;  // 1.5 * 2^43: ulp 2^20
-  const __m512 split_v = _mm512_castsi512_ps(_mm512_set1_epi32(static_cast<int32_t>(kSplitBits)));
+  const __m512 split_v = _mm512_set1_ps(kSplit);
   __m512i hi_bits = _mm512_setzero_si512(), lo_sum = _mm512_setzero_si512();
   uint32_t summed = 0;  // vectors added to hi_bits
   int64_t v = v0;
@@ -176,9 +196,8 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
       _mm512_storeu_ps(e + v, f);
       f = _mm512_mul_ps(f, fix_scale);
     }
-    // fix(e) = floor(f), f = e * 2^40 in [0, 2^40], without converting to int64 (two vcvttps2qq and an
-    // extract cost a third of this loop): f + kSplit rounds f to a multiple H of 2^20 (that sum's ulp), whose
-    // bits are kSplit's plus H / 2^20 <= 2^20; L = f - H is exact, |L| <= 2^19, and floor(f) = H + floor(L).
+    // fix_unit's split of f = e * 2^40 (two vcvttps2qq and an extract, the int64 conversion, cost a third of
+    // this loop): H / 2^20 <= 2^20 from the bits of f + kSplit, and floor(L) of the exact remainder.
     const __m512 split = _mm512_add_ps(f, split_v);
     const __m512 low = _mm512_sub_ps(f, _mm512_sub_ps(split, split_v));
     hi_bits = _mm512_add_epi32(hi_bits, _mm512_castps_si512(split));
