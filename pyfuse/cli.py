@@ -36,6 +36,8 @@ def _extensions() -> list[str]:
             lines.append(f"  OpenMP max threads: {mod.omp_max_threads()}")
             lines.append("  runtime dispatch: " + ", ".join(f"{k} {'yes' if v else 'no'}"
                                                             for k, v in mod.cpu_features().items()))
+            lines.append("  hand-written AVX-512 paths (F/BW/VL/DQ): " + (
+                "yes" if mod.avx512_paths_usable() else "no: compiler-vectorized loops instead (slower)"))
         else:
             v = mod.runtime_version()
             lines.append(f"  CUDA runtime {v // 1000}.{v % 1000 // 10}, {mod.device_count()} device(s)")

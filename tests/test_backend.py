@@ -64,6 +64,9 @@ def test_python_m_pyfuse_info_runs():
     assert proc.returncode == 0, proc.stderr
     for name in ("reference", "cpu", "cuda", "triton"):
         assert name in proc.stdout
+    from pyfuse import _C
+    expected = "yes" if _C.avx512_paths_usable() else "no: compiler-vectorized loops instead (slower)"
+    assert f"hand-written AVX-512 paths (F/BW/VL/DQ): {expected}" in proc.stdout
 
 
 def test_import_pyfuse_registers_every_op():
