@@ -284,6 +284,27 @@ def test_cpu_greedy_sum_of_small_terms(avx512):
     assert not torch.equal(want.prob[0], torch.tensor(1.0))  # the small terms are visible in S
 
 
+@pytest.mark.parametrize("avx512", [True, False])
+def test_cpu_fixed_point_sum_at_its_lane_limit(avx512):
+    """The AVX-512 exponential pass sums fix(e) as two int32 lanes per id (H / 2^20 from the bits of
+    e * 2^40 + 1.5 * 2^43, and the floor of the exact remainder): a row-mode chunk of 32768 ids all at the max
+    (e = 1: f = 2^40) takes each H lane to exactly 2^31, the unsigned limit. Uniform rows (S = 32768 * 2^40, p =
+    2^-15), one row above its max by a little (terms just below 1), against the reference's bits."""
+    vmap = synthetic_map((32768,), overlap=1.0, many_to_one=0.0, padding=0, seed=3)
+    x = torch.zeros(4, 32768)
+    x[1] = -1e-6
+    x[1, 7] = 0.0
+    x[2, ::3] = -0.5
+    with cpu_avx512_paths(avx512) as used:
+        if avx512 and not used:
+            pytest.skip("this CPU has no AVX-512")
+        got = (union_probs([x], vmap, backend="cpu"), *next_token([x], vmap, backend="cpu"))
+    want = (union_probs([x], vmap, backend="reference"), *next_token([x], vmap, backend="reference"))
+    for g, e in zip(got, want):
+        assert torch.equal(g, e)
+    assert want[0][0].eq(2.0 ** -15).all()
+
+
 @pytest.mark.parametrize("backend,device", BACKEND_DEVICES)
 def test_greedy_winner_below_every_top(backend, device):
     """Four models, each with its own top token (e = 1) and a shared second token at e = 0.3 (within 1/M..1.36/M
