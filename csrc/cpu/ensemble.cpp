@@ -75,7 +75,7 @@ PYFUSE_INLINE void chunk_max_t(const void* x, const int32_t* fwd, int64_t v0, in
 }
 
 // fix(e) for e in [0, 1], in 32-bit steps that AVX2 (and SSE2) vectorize: the int64 conversion in fix() has no
-// packed form below AVX-512, so a loop using it stays scalar (~4x slower here). f = e * 2^40 plus 1.5 * 2^43
+// packed form below AVX-512, so a loop using it stays scalar (4-6x slower at -mavx2). f = e * 2^40 plus 1.5 * 2^43
 // rounds f to a multiple H of 2^20, whose bits are that constant's plus H / 2^20; L = f - H is exact, |L| <=
 // 2^19, and floor(f) = H + floor(L): the same integer (expsum_loop does the same with AVX-512 intrinsics).
 constexpr float kSplit = 13194139533312.0f;  // 1.5 * 2^43: a float there has ulp 2^20
