@@ -68,6 +68,22 @@ def test_exp_log_det_accuracy():
     assert ref.log_det(torch.tensor([0.0, 1e-39])).eq(-math.inf).all()
 
 
+@pytest.mark.parametrize("backend,device", KERNEL_BACKEND_DEVICES)
+def test_exp_det_table_in_every_backend(backend, device):
+    """Each backend writes exp_det's 32-entry table itself (the reference's tuple, a C++ array, a Triton select
+    tree): z = y - max stepping by less than ln2/32 from 0 to -86 reaches every entry, several times, so the
+    union probabilities (e * 1/S) equal the reference's only if every entry does. The CPU backend runs both its
+    AVX-512 and its portable path."""
+    vmap = SimpleVocabMap([torch.arange(4000, dtype=torch.int32)], 4000)
+    x = -torch.linspace(0.0, 86.0, 4000).unsqueeze(0)
+    assert torch.unique(torch.round(x * (32 / math.log(2))).long() % 32).numel() == 32
+    want = union_probs([x], vmap, backend="reference")
+    for avx512 in ([True, False] if backend == "cpu" else [True]):
+        with cpu_avx512_paths(avx512):
+            got = union_probs([x.to(device)], vmap, backend=backend).cpu()
+        assert torch.equal(got, want), f"avx512={avx512}"
+
+
 def test_build_reverse_index():
     off, ids = build_reverse_index(torch.tensor([2, -1, 0, 2, 2, 0], dtype=torch.int32), 4)
     assert off.tolist() == [0, 2, 2, 5, 5] and ids.tolist() == [2, 5, 0, 3, 4]

@@ -16,10 +16,10 @@ weights w [M] (normalised to sum 1, >= 0). Only ids with ``to_union[m][v] >= 0``
    with absent="zero" the keys already sum to 1 (up to rounding): inv_z = 1 there, p(u) = key(u).
 
 Bit-exact on every backend: every float operation above is a single IEEE operation in a fixed order,
-``exp_det`` (a 32-entry table and a quadratic) and ``log_det`` (Cephes) use +, * and bit operations only (no libm, no FMA),
-and sums over sets whose order would depend on the tiling are fixed-point int64 sums (units 2**-40,
-truncated), which are exact and order-free. ``fix(v) = trunc(v * 2**40)``; S, Z as floats are
-``fp32(int) * 2**-40``.
+``exp_det`` (a 32-entry table and a quadratic) and ``log_det`` (Cephes) use +, * and bit operations only
+(no libm, no FMA), and sums over sets whose order would depend on the tiling are fixed-point int64 sums
+(units 2**-40, truncated), which are exact and order-free. ``fix(v) = trunc(v * 2**40)``; S, Z as floats
+are ``fp32(int) * 2**-40``.
 """
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ EXP_C2 = 0.49996230006217957
 
 
 def exp_det(z: torch.Tensor) -> torch.Tensor:
-    """exp(z) for float32 z <= 0, within 1.73 ulp (1.72 at z = -0.76896); 0 for z < -87, -inf or NaN. Exactly 1 at z = 0.
+    """exp(z) for float32 z <= 0, within 1.73 ulp (1.72 at z = -0.76896); 0 for z < -87, -inf or NaN; exactly
+    1 at z = 0.
 
     z = k ln2/32 + r, k = round-to-nearest(32 z log2e) (computed as (z log2e + 1.5 * 2**18) - 1.5 * 2**18: the
     add rounds to a multiple of 1/32), |r| <= ln2/64 (Cody-Waite with Cephes' two-part ln2); exp(z) =
