@@ -12,6 +12,7 @@ import importlib
 
 from ._backend import BACKEND_NAMES, BackendStatus, backends, resolve_backend, use_backend
 from ._backend_error import BackendError
+from ._output_cache import empty_output_cache, set_output_cache_limit
 from .philox import rand
 
 __version__ = "0.1.0"
@@ -36,8 +37,8 @@ _LAZY = {
 _OP_MODULES = ("pyfuse.prune", "pyfuse.merge.op", "pyfuse.ensemble.ops", "pyfuse.spec.chain", "pyfuse.spec.tree")
 _SUBMODULES = ("merge", "ensemble", "spec", "prune", "integrations", "bench", "reference", "kernels")
 
-__all__ = ["BACKEND_NAMES", "BackendError", "BackendStatus", "backends", "rand", "resolve_backend",
-           "use_backend", *_LAZY, *_SUBMODULES]
+__all__ = ["BACKEND_NAMES", "BackendError", "BackendStatus", "backends", "empty_output_cache", "rand",
+           "resolve_backend", "set_output_cache_limit", "use_backend", *_LAZY, *_SUBMODULES]
 
 
 def __getattr__(name: str):

@@ -6,6 +6,7 @@ import importlib
 
 import torch
 
+from . import _output_cache
 from ._backend_error import BackendError
 
 # Must match csrc/include/pyfuse/common.h (enum DType).
@@ -51,12 +52,24 @@ HUGEPAGE_MIN_BYTES = 8 << 20
 
 
 def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
-    """torch.empty for a kernel's output. On CPU, large outputs get transparent huge pages before their first
-    touch: in this project's measurements page faults of a fresh 64 MiB output cost as much as the kernel."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    if out.device.type == "cpu" and out.nbytes >= HUGEPAGE_MIN_BYTES:
-        cpu_ext().advise_hugepages(out.data_ptr(), out.nbytes)
-    return out
+    """torch.empty for a kernel's output. Large CPU outputs (>= HUGEPAGE_MIN_BYTES) get transparent huge pages
+    before their first touch (page faults of a fresh 64 MiB output cost as much as the kernel here) and come
+    from pyfuse's cache of freed output buffers when one of the same size is free (pyfuse/_output_cache.py)."""
+    device = torch.device(device)
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * (torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits) // 8
+    if device.type != "cpu" or nbytes < HUGEPAGE_MIN_BYTES:
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def fresh():
+        raw = torch.empty(nbytes, dtype=torch.uint8)
+        cpu_ext().advise_hugepages(raw.data_ptr(), nbytes)
+        return raw.untyped_storage()
+
+    storage = _output_cache.CACHE.storage(nbytes, fresh)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
 
 
 def stream_of(t: torch.Tensor) -> int:

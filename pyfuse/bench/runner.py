@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from pyfuse import _output_cache
 from pyfuse._backend_error import BackendError
 from pyfuse.bench import measure
 from pyfuse.bench.registry import BenchCase, discover, generators, select
@@ -68,6 +69,8 @@ def machine_info(device: torch.device) -> dict:
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        # pyfuse's large CPU outputs reuse freed buffers (pyfuse/_output_cache.py); the peers use torch's allocator
+        "output_cache_mib": _output_cache.CACHE.limit_bytes >> 20,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -1,0 +1,110 @@
+"""Reuse of freed large CPU outputs (pyfuse/_output_cache.py): a buffer comes back only when nothing references
+it, the byte limit holds, and a kernel writing into a reused buffer (filled with NaN first) gives the values a
+fresh one gets."""
+import pytest
+import torch
+
+import pyfuse
+from pyfuse import _output_cache
+from pyfuse._ext import HUGEPAGE_MIN_BYTES, new_output
+from pyfuse.ensemble import union_probs
+from test_ensemble_ops import make_logits, small_map
+
+LARGE = (64, HUGEPAGE_MIN_BYTES // 256)  # float32: exactly HUGEPAGE_MIN_BYTES
+
+
+@pytest.fixture
+def cache():
+    old = _output_cache.CACHE.limit_bytes
+    pyfuse.set_output_cache_limit(256 << 20)
+    pyfuse.empty_output_cache()  # no free buffer left by another test
+    yield _output_cache.CACHE
+    pyfuse.set_output_cache_limit(old)
+
+
+def test_freed_output_is_reused(cache):
+    a = new_output(LARGE, torch.float32, "cpu")
+    ptr, hits = a.data_ptr(), cache.hits
+    del a
+    b = new_output(LARGE, torch.float32, "cpu")
+    assert b.data_ptr() == ptr and cache.hits == hits + 1
+    assert b.shape == LARGE and b.is_contiguous() and not b._is_view()
+
+
+@pytest.mark.parametrize("keep", ["tensor", "view", "numpy", "dlpack"])
+def test_referenced_output_is_not_reused(cache, keep):
+    a = new_output(LARGE, torch.float32, "cpu")
+    ptr = a.data_ptr()
+    holder = {"tensor": lambda: a, "view": lambda: a[1:3], "numpy": lambda: a.numpy(),
+              "dlpack": lambda: torch.utils.dlpack.to_dlpack(a)}[keep]()
+    del a
+    hits = cache.hits
+    b = new_output(LARGE, torch.float32, "cpu")
+    assert b.data_ptr() != ptr and cache.hits == hits
+    del holder
+
+
+def test_small_outputs_and_other_sizes_are_not_cached(cache):
+    hits, held = cache.hits, cache.held_bytes()
+    small = new_output((4, 1000), torch.float32, "cpu")
+    assert cache.held_bytes() == held
+    del small
+    a = new_output(LARGE, torch.float32, "cpu")
+    del a
+    b = new_output((LARGE[0] + 1, LARGE[1]), torch.float32, "cpu")
+    assert cache.hits == hits
+    del b
+
+
+def test_limit_is_held_and_zero_turns_reuse_off(cache):
+    pyfuse.set_output_cache_limit(HUGEPAGE_MIN_BYTES)  # room for one buffer
+    a = new_output(LARGE, torch.float32, "cpu")
+    b = new_output(LARGE, torch.float32, "cpu")  # a in use: b is not kept
+    assert cache.held_bytes() == HUGEPAGE_MIN_BYTES
+    del a, b
+    pyfuse.set_output_cache_limit(0)
+    assert cache.held_bytes() == 0
+    hits = cache.hits
+    c = new_output(LARGE, torch.float32, "cpu")
+    del c
+    new_output(LARGE, torch.float32, "cpu")
+    assert cache.hits == hits and cache.held_bytes() == 0
+
+
+def test_empty_output_cache_drops_free_buffers(cache):
+    a = new_output(LARGE, torch.float32, "cpu")
+    del a
+    assert cache.held_bytes() >= HUGEPAGE_MIN_BYTES
+    pyfuse.empty_output_cache()
+    assert cache.held_bytes() == 0
+
+
+@pytest.mark.parametrize("limit", [-1, 1.5, True, "8"])
+def test_bad_limit(limit):
+    with pytest.raises(ValueError, match="limit_bytes"):
+        pyfuse.set_output_cache_limit(limit)
+
+
+@pytest.mark.parametrize("text", ["lots", "-3"])
+def test_bad_environment_limit(monkeypatch, text):
+    monkeypatch.setenv("PYFUSE_OUTPUT_CACHE_MB", text)
+    with pytest.raises(ValueError, match="PYFUSE_OUTPUT_CACHE_MB"):
+        _output_cache._limit_from_env()
+
+
+@pytest.mark.parametrize("mode,absent", [("prob", "zero"), ("logprob", "renormalize")])
+def test_union_probs_into_a_reused_buffer(cache, mode, absent):
+    # B=64 x U=32768 float32 is exactly the size that is cached. The first output is filled with NaN before it
+    # is freed: any element the kernel does not write into the reused buffer shows up.
+    vmap = small_map([30000, 20000], LARGE[1], seed=3)
+    first = union_probs(make_logits(vmap, LARGE[0], torch.float32, "cpu", seed=1), vmap, mode=mode, absent=absent,
+                        backend="cpu")
+    ptr = first.data_ptr()
+    first.fill_(float("nan"))
+    del first
+    logits = make_logits(vmap, LARGE[0], torch.float32, "cpu", seed=2)
+    reused = union_probs(logits, vmap, mode=mode, absent=absent, backend="cpu")
+    assert reused.data_ptr() == ptr
+    pyfuse.set_output_cache_limit(0)
+    fresh = union_probs(logits, vmap, mode=mode, absent=absent, backend="cpu")
+    assert torch.equal(reused, fresh)
