@@ -26,7 +26,8 @@ _use_count = getattr(torch._C, "_storage_Use_Count", None)  # None: reuse off (n
 
 
 class OutputCache:
-    """Storages of large CPU outputs, least recently used first. Entries in use count toward the limit too."""
+    """Storages of the most recent large CPU outputs, least recently used first, at most limit_bytes in all
+    (entries still in use count too: the bytes held once every output is freed never exceed the limit)."""
 
     def __init__(self, limit_bytes: int):
         self._lock = threading.Lock()
@@ -43,19 +44,18 @@ class OutputCache:
     def storage(self, nbytes: int, fresh) -> torch.UntypedStorage:
         """A storage of exactly nbytes: a free cached one, else fresh() (kept when the limit allows)."""
         with self._lock:
-            if _use_count is None or self.limit_bytes <= 0:
+            if _use_count is None or nbytes > self.limit_bytes:
                 return fresh()
             for i, s in enumerate(self._entries):
                 if s.nbytes() == nbytes and self._free(s):
                     self._entries.append(self._entries.pop(i))  # most recently used last
                     self.hits += 1
                     return s
+            # Make room by forgetting the oldest entries, in use or not (a tensor using one keeps it alive; it
+            # is then freed as any tensor's memory): a loop reuses its most recent outputs.
             held = self.held_bytes()
-            for s in [s for s in self._entries if self._free(s)]:  # evict free entries, oldest first
-                if held + nbytes <= self.limit_bytes:
-                    break
-                self._entries.remove(s)
-                held -= s.nbytes()
+            while self._entries and held + nbytes > self.limit_bytes:
+                held -= self._entries.pop(0).nbytes()
             s = fresh()
             if held + nbytes <= self.limit_bytes:
                 self._entries.append(s)

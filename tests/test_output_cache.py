@@ -57,18 +57,23 @@ def test_small_outputs_and_other_sizes_are_not_cached(cache):
 
 
 def test_limit_is_held_and_zero_turns_reuse_off(cache):
-    pyfuse.set_output_cache_limit(HUGEPAGE_MIN_BYTES)  # room for one buffer
+    pyfuse.set_output_cache_limit(HUGEPAGE_MIN_BYTES)  # room for one buffer: the most recent output's
     a = new_output(LARGE, torch.float32, "cpu")
-    b = new_output(LARGE, torch.float32, "cpu")  # a in use: b is not kept
+    b = new_output(LARGE, torch.float32, "cpu")  # a is forgotten (still alive), b kept
+    ptr_b = b.data_ptr()
     assert cache.held_bytes() == HUGEPAGE_MIN_BYTES
-    del a, b
-    pyfuse.set_output_cache_limit(0)
-    assert cache.held_bytes() == 0
+    big = new_output((LARGE[0] * 2, LARGE[1]), torch.float32, "cpu")  # over the limit: not kept, b stays
+    del a, b, big
     hits = cache.hits
     c = new_output(LARGE, torch.float32, "cpu")
+    assert c.data_ptr() == ptr_b and cache.hits == hits + 1
     del c
+    pyfuse.set_output_cache_limit(0)
+    assert cache.held_bytes() == 0
+    d = new_output(LARGE, torch.float32, "cpu")
+    del d
     new_output(LARGE, torch.float32, "cpu")
-    assert cache.hits == hits and cache.held_bytes() == 0
+    assert cache.hits == hits + 1 and cache.held_bytes() == 0
 
 
 def test_empty_output_cache_drops_free_buffers(cache):
