@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 
 import torch
 
@@ -56,10 +57,8 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     before their first touch (page faults of a fresh 64 MiB output cost as much as the kernel here) and come
     from pyfuse's cache of freed output buffers when one of the same size is free (pyfuse/_output_cache.py)."""
     device = torch.device(device)
-    numel = 1
-    for n in shape:
-        numel *= n
-    nbytes = numel * (torch.finfo(dtype).bits if dtype.is_floating_point else torch.iinfo(dtype).bits) // 8
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    nbytes = math.prod(shape) * dtype.itemsize
     if device.type != "cpu" or nbytes < HUGEPAGE_MIN_BYTES:
         return torch.empty(shape, dtype=dtype, device=device)
 
@@ -69,7 +68,7 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
         return raw.untyped_storage()
 
     storage = _output_cache.CACHE.storage(nbytes, fresh)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, tuple(shape))
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def stream_of(t: torch.Tensor) -> int:
