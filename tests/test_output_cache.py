@@ -113,3 +113,40 @@ def test_union_probs_into_a_reused_buffer(cache, mode, absent):
     pyfuse.set_output_cache_limit(0)
     fresh = union_probs(logits, vmap, mode=mode, absent=absent, backend="cpu")
     assert torch.equal(reused, fresh)
+
+
+def _large_cpu_ops():
+    """Every CPU op whose output can reach the cached size, as fn(seed) -> output (one per new_output caller)."""
+    from pyfuse.merge import dare_ties, della, task_arithmetic, ties
+    shape = (1024, HUGEPAGE_MIN_BYTES // 4096)  # float32 output of exactly HUGEPAGE_MIN_BYTES
+
+    def tensors(seed, k=2):
+        gen = torch.Generator().manual_seed(seed)
+        return [torch.randn(shape, generator=gen) for _ in range(k + 1)]
+
+    return {
+        "rand": lambda s: pyfuse.rand(HUGEPAGE_MIN_BYTES // 4, seed=s, backend="cpu"),
+        "magnitude_prune": lambda s: pyfuse.magnitude_prune(tensors(s, 0)[0], 0.3, backend="cpu"),
+        "random_prune": lambda s: pyfuse.random_prune(tensors(s, 0)[0], 0.3, seed=s, backend="cpu"),
+        "task_arithmetic": lambda s: task_arithmetic(*(lambda t: (t[0], t[1:]))(tensors(s)), backend="cpu"),
+        "ties": lambda s: ties(*(lambda t: (t[0], t[1:]))(tensors(s)), density=0.3, backend="cpu"),
+        "dare_ties": lambda s: dare_ties(*(lambda t: (t[0], t[1:]))(tensors(s)), density=0.3, seed=s,
+                                         backend="cpu"),
+        "della": lambda s: della(*(lambda t: (t[0], t[1:]))(tensors(s)), density=0.3, seed=s, backend="cpu"),
+    }
+
+
+@pytest.mark.parametrize("name", list(_large_cpu_ops()))
+def test_every_large_cpu_output_is_whole_in_a_reused_buffer(cache, name):
+    # A kernel that left part of its output unwritten (relying on a fresh page's zeros) fails here: the reused
+    # buffer holds NaN from the first call.
+    op = _large_cpu_ops()[name]
+    first = op(1)
+    assert first.nbytes == HUGEPAGE_MIN_BYTES
+    ptr = first.data_ptr()
+    first.fill_(float("nan"))
+    del first
+    reused = op(2)
+    assert reused.data_ptr() == ptr
+    pyfuse.set_output_cache_limit(0)
+    assert torch.equal(reused, op(2))
