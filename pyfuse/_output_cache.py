@@ -9,7 +9,8 @@ pyfuse therefore keeps the storages of its large CPU outputs, up to a byte limit
 output of the same size once nothing else references it.
 
 Safety: a storage is reused only when this cache holds its only reference (torch's storage use count is 1), so
-no tensor, view, numpy array or DLPack capsule of an earlier output can still see the memory. A reused buffer
+no tensor, view, numpy array or DLPack capsule of an earlier output can still see the memory, and only when it
+was not moved to shared memory (another process may map it). A reused buffer
 holds an earlier output's values, as torch.empty may: every kernel writes its whole output.
 
 Control: ``PYFUSE_OUTPUT_CACHE_MB`` (default 256; 0 turns reuse off) at import, ``pyfuse.set_output_cache_limit``
@@ -36,7 +37,9 @@ class OutputCache:
         self.hits = 0
 
     def _free(self, s: torch.UntypedStorage) -> bool:
-        return _use_count(s._cdata) == 1
+        # A storage moved to shared memory (share_memory_, torch.multiprocessing) may still be mapped by another
+        # process: never reused.
+        return _use_count(s._cdata) == 1 and not s.is_shared()
 
     def held_bytes(self) -> int:
         return sum(s.nbytes() for s in self._entries)

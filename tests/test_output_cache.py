@@ -31,12 +31,12 @@ def test_freed_output_is_reused(cache):
     assert b.shape == LARGE and b.is_contiguous() and not b._is_view()
 
 
-@pytest.mark.parametrize("keep", ["tensor", "view", "numpy", "dlpack"])
+@pytest.mark.parametrize("keep", ["tensor", "view", "numpy", "dlpack", "shared"])
 def test_referenced_output_is_not_reused(cache, keep):
     a = new_output(LARGE, torch.float32, "cpu")
-    ptr = a.data_ptr()
     holder = {"tensor": lambda: a, "view": lambda: a[1:3], "numpy": lambda: a.numpy(),
-              "dlpack": lambda: torch.utils.dlpack.to_dlpack(a)}[keep]()
+              "dlpack": lambda: torch.utils.dlpack.to_dlpack(a), "shared": lambda: (a.share_memory_(), None)[1]}[keep]()
+    ptr = a.data_ptr()  # share_memory_ moves the data
     del a
     hits = cache.hits
     b = new_output(LARGE, torch.float32, "cpu")
