@@ -26,6 +26,11 @@ import torch
 _use_count = getattr(torch._C, "_storage_Use_Count", None)  # None: reuse off (never unsafe)
 
 
+def reuse_supported() -> bool:
+    """Whether this torch exposes the storage use count reuse depends on (without it nothing is reused)."""
+    return _use_count is not None
+
+
 class OutputCache:
     """Storages of the most recent large CPU outputs, least recently used first, at most limit_bytes in all
     (entries still in use count too: the bytes held once every output is freed never exceed the limit)."""

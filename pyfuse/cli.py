@@ -67,6 +67,12 @@ def info_lines() -> list[str]:
     lines += ["versions: " + ", ".join(_versions()), "extensions:"]
     lines += ["  " + line for line in _extensions()]
     lines.append(f"CPU: {_cpu_features()}; {torch.get_num_threads()} torch threads")
+    from pyfuse import _output_cache
+
+    cache = _output_cache.CACHE
+    lines.append(f"output cache (large CPU outputs reuse freed buffers): limit {cache.limit_bytes >> 20} MiB, "
+                 f"holding {cache.held_bytes() >> 20} MiB" + ("" if _output_cache.reuse_supported() else
+                                                            "; off: this torch has no storage use count"))
     if torch.cuda.is_available():
         lines.append(f"GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")
     else:

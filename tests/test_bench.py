@@ -224,5 +224,5 @@ def test_cli_info(capsys):
     out = capsys.readouterr().out
     for name, status in pyfuse.backends().items():
         assert f"{name} " in out and status.reason in out
-    for text in (f"torch {torch.__version__}", "numpy ", "python ", "pyfuse._C", "CPU: "):
+    for text in (f"torch {torch.__version__}", "numpy ", "python ", "pyfuse._C", "CPU: ", "output cache "):
         assert text in out, text
