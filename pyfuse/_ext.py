@@ -59,16 +59,21 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     device = torch.device(device)
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
     nbytes = math.prod(shape) * dtype.itemsize
-    if device.type != "cpu" or nbytes < HUGEPAGE_MIN_BYTES:
+    if device.type != "cpu" or nbytes < HUGEPAGE_MIN_BYTES or _fills_uninitialized_memory():
         return torch.empty(shape, dtype=dtype, device=device)
 
     def fresh():
-        raw = torch.empty(nbytes, dtype=torch.uint8)
+        raw = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
         cpu_ext().advise_hugepages(raw.data_ptr(), nbytes)
         return raw.untyped_storage()
 
-    storage = _output_cache.CACHE.storage(nbytes, fresh)
-    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    return _output_cache.CACHE.tensor(shape, dtype, nbytes, fresh)
+
+
+def _fills_uninitialized_memory() -> bool:
+    """torch.empty fills new memory (NaN) in deterministic mode: a reused buffer would not be, so no reuse then."""
+    fill = getattr(getattr(torch.utils, "deterministic", None), "fill_uninitialized_memory", False)
+    return bool(fill) and torch.are_deterministic_algorithms_enabled()
 
 
 def stream_of(t: torch.Tensor) -> int:

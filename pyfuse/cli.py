@@ -70,8 +70,8 @@ def info_lines() -> list[str]:
     from pyfuse import _output_cache
 
     cache = _output_cache.CACHE
-    lines.append(f"output cache (large CPU outputs reuse freed buffers): limit {cache.limit_bytes >> 20} MiB, "
-                 f"holding {cache.held_bytes() >> 20} MiB" + ("" if _output_cache.reuse_supported() else
+    lines.append(f"output cache (large CPU outputs reuse freed buffers): limit {cache.limit_bytes / 2**20:g} MiB, "
+                 f"holding {cache.held_bytes() / 2**20:g} MiB" + ("" if _output_cache.reuse_supported() else
                                                             "; off: this torch has no storage use count"))
     if torch.cuda.is_available():
         lines.append(f"GPU: {torch.cuda.get_device_name()} (CUDA {torch.version.cuda})")

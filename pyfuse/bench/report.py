@@ -48,8 +48,8 @@ def header(report: BenchReport) -> list[str]:
         f"best {c['best_gbps']:.3g} GB/s; '% copy' = effective GB/s (bytes_floor / median) / median copy GB/s; "
         f"'x floor' = median / (bytes_floor / median copy GB/s)",
         f"peak extra memory: {report.memory_method}",
-        f"pyfuse output cache: {m.get('output_cache_mib', 0)} MiB (large CPU outputs reuse freed buffers; peers do not; "
-        f"PYFUSE_OUTPUT_CACHE_MB=0 turns it off)",
+        f"pyfuse output cache (CPU): {m.get('output_cache_mib', 0):g} MiB (large CPU outputs reuse freed buffers; "
+        f"peers do not; PYFUSE_OUTPUT_CACHE_MB=0 turns it off)",
     ]
 
 

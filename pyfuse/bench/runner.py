@@ -70,7 +70,7 @@ def machine_info(device: torch.device) -> dict:
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         # pyfuse's large CPU outputs reuse freed buffers (pyfuse/_output_cache.py); the peers use torch's allocator
-        "output_cache_mib": _output_cache.CACHE.limit_bytes >> 20,
+        "output_cache_mib": _output_cache.CACHE.limit_bytes / (1 << 20) if _output_cache.reuse_supported() else 0,
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
