@@ -13,10 +13,11 @@ How that is known: each kept buffer is a private storage. An output does not sha
 ``torch.from_dlpack`` of a tensor over it, so it has a storage of its own whose DLPack capsule holds a
 reference to the private one for as long as anything (the tensor, a view, ``out.untyped_storage()``, a numpy
 array, a DLPack capsule, autograd) keeps the output's storage alive. The private storage's use count (torch's
-``_storage_Use_Count``) is then 1 exactly when only this cache holds it. Buffers moved to shared memory are
-never reused (another process may map them). Outputs are built under the cache's lock, so two threads never
-get one buffer. Consequence: an output from the cache cannot grow by ``resize_`` (torch raises "storage that
-is not resizable"); shrinking works. A reused buffer holds an earlier output's values, as torch.empty may:
+``_storage_Use_Count``) is then 1 exactly when only this cache holds it. (``share_memory_`` on an output copies
+it into shared memory and releases the private buffer.) Outputs are built under the cache's lock, so two
+threads never get one buffer. Consequence: the storage of an output from the cache cannot be resized: growing
+it by ``out.resize_``, releasing it by ``out.untyped_storage().resize_(0)`` or an ``out=`` op that must grow it
+raise "storage that is not resizable" (``clone()`` first); shrinking the tensor by ``resize_`` works. A reused buffer holds an earlier output's values, as torch.empty may:
 every kernel writes its whole output (tests/test_output_cache.py fills freed buffers with NaN to check).
 
 Control: ``PYFUSE_OUTPUT_CACHE_MB`` (default 256; 0 turns reuse off) at import, ``pyfuse.set_output_cache_limit``
@@ -24,6 +25,7 @@ and ``pyfuse.empty_output_cache`` at run time. Memory held here is not returned 
 """
 from __future__ import annotations
 
+import math
 import os
 import threading
 
@@ -49,7 +51,7 @@ class OutputCache:
 
     @staticmethod
     def _free(s: torch.UntypedStorage) -> bool:
-        return _use_count(s._cdata) == 1 and not s.is_shared()
+        return _use_count(s._cdata) == 1
 
     def _held(self) -> int:
         return sum(s.nbytes() for s in self._entries)
@@ -100,7 +102,7 @@ def _limit_from_env() -> int:
         mb = float(text)
     except ValueError:
         raise ValueError(f"PYFUSE_OUTPUT_CACHE_MB must be a number of MiB, got {text!r}") from None
-    if not mb >= 0:
+    if not (math.isfinite(mb) and mb >= 0):
         raise ValueError(f"PYFUSE_OUTPUT_CACHE_MB must be >= 0, got {text!r}")
     return int(mb * (1 << 20))
 

@@ -52,7 +52,6 @@ HOLDERS = {
     "storage": lambda a: a.untyped_storage(),
     "typed_storage": lambda a: _typed_storage(a),
     "autograd": lambda a: (a.requires_grad_(True) ** 2).sum().grad_fn,  # saves a for the backward pass
-    "shared": lambda a: a.share_memory_(),  # moves the output to shared memory: its old buffer is then free
 }
 
 
@@ -64,10 +63,34 @@ def test_reachable_output_memory_is_never_reused(cache, keep):
     del a
     hits = cache.hits
     b = new_output(LARGE, torch.float32, "cpu")
-    assert b.data_ptr() != ptr  # the held memory is not handed out again
-    if keep != "shared":
-        assert cache.hits == hits
+    assert b.data_ptr() != ptr and cache.hits == hits
     del holder
+
+
+def test_output_moved_to_shared_memory_releases_its_buffer(cache):
+    # share_memory_ copies the output into shared memory: the old buffer is free and reused, the copy intact.
+    a = new_output(LARGE, torch.float32, "cpu")
+    a.fill_(7.0)
+    ptr, hits = a.data_ptr(), cache.hits
+    a.share_memory_()
+    assert a.is_shared() and a.data_ptr() != ptr
+    b = new_output(LARGE, torch.float32, "cpu")
+    assert b.data_ptr() == ptr and cache.hits == hits + 1
+    b.fill_(-1.0)
+    assert bool((a == 7.0).all())
+
+
+def test_deterministic_fill_mode_gets_fresh_filled_outputs(cache):
+    a = new_output(LARGE, torch.float32, "cpu")
+    del a
+    hits = cache.hits
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        b = new_output(LARGE, torch.float32, "cpu")
+    finally:
+        torch.use_deterministic_algorithms(old)
+    assert cache.hits == hits and bool(b.isnan().all())
 
 
 def test_storage_handles_see_only_their_own_output(cache):
@@ -167,7 +190,7 @@ def test_bad_limit(limit):
         pyfuse.set_output_cache_limit(limit)
 
 
-@pytest.mark.parametrize("text", ["lots", "-3"])
+@pytest.mark.parametrize("text", ["lots", "-3", "inf", "nan"])
 def test_bad_environment_limit(monkeypatch, text):
     monkeypatch.setenv("PYFUSE_OUTPUT_CACHE_MB", text)
     with pytest.raises(ValueError, match="PYFUSE_OUTPUT_CACHE_MB"):
