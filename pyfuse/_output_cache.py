@@ -17,8 +17,10 @@ array, a DLPack capsule, autograd) keeps the output's storage alive. The private
 it into shared memory and releases the private buffer.) Outputs are built under the cache's lock, so two
 threads never get one buffer. Consequence: the storage of an output from the cache cannot be resized: growing
 it by ``out.resize_``, releasing it by ``out.untyped_storage().resize_(0)`` or an ``out=`` op that must grow it
-raise "storage that is not resizable" (``clone()`` first); shrinking the tensor by ``resize_`` works. A reused buffer holds an earlier output's values, as torch.empty may:
-every kernel writes its whole output (tests/test_output_cache.py fills freed buffers with NaN to check).
+raise "storage that is not resizable" (``clone()`` first); shrinking the tensor by ``resize_`` works.
+
+A reused buffer holds an earlier output's values, as torch.empty may: every kernel writes its whole output
+(tests/test_output_cache.py fills freed buffers with NaN to check).
 
 Control: ``PYFUSE_OUTPUT_CACHE_MB`` (default 256; 0 turns reuse off) at import, ``pyfuse.set_output_cache_limit``
 and ``pyfuse.empty_output_cache`` at run time. Memory held here is not returned to the system until evicted.
