@@ -8,11 +8,20 @@ number of models whose vocabularies differ in size.
 import triton
 import triton.language as tl
 
+from pyfuse.reference import ensemble as spec
+
 FIX_SCALE: tl.constexpr = tl.constexpr(1099511627776.0)  # 2**40
 NEG_INF: tl.constexpr = tl.constexpr(float("-inf"))
 MODE_WRITE: tl.constexpr = tl.constexpr(0)  # union pass: store keys
 MODE_MAX: tl.constexpr = tl.constexpr(1)  # union pass: per-tile max key and its lowest union id
 MODE_SUM: tl.constexpr = tl.constexpr(2)  # union pass: per-tile fixed-point sum of scores
+# exp_det / log_det constants, the reference's values.
+LOG2E: tl.constexpr = tl.constexpr(spec.LOG2E)
+LN2_HI: tl.constexpr = tl.constexpr(spec.LN2_HI)
+LN2_LO: tl.constexpr = tl.constexpr(spec.LN2_LO)
+ROUND_32NDS: tl.constexpr = tl.constexpr(spec.ROUND_32NDS)
+EXP_C1: tl.constexpr = tl.constexpr(spec.EXP_C1)
+EXP_C2: tl.constexpr = tl.constexpr(spec.EXP_C2)
 
 
 @triton.jit
@@ -60,10 +69,10 @@ def _exp2_thirtyseconds(j):
 def exp_det(z):
     ok = z >= -87.0
     z = tl.where(ok, z, 0.0)
-    kk = (z * 1.44269504088896341 + 393216.0) - 393216.0  # k / 32: the add rounds to a multiple of 1/32
-    r = z - kk * 0.693359375
-    r = r - kk * -2.12194440e-4
-    q = (r * 0.49996230006217957 + 1.000014305114746) * r
+    kk = (z * LOG2E + ROUND_32NDS) - ROUND_32NDS  # k / 32: the add rounds to a multiple of 1/32
+    r = z - kk * LN2_HI
+    r = r - kk * LN2_LO
+    q = (r * EXP_C2 + EXP_C1) * r
     k = (kk * 32.0).to(tl.int32)
     t = _exp2_thirtyseconds(k & 31)
     scale = (((k >> 5) + 127) << 23).to(tl.float32, bitcast=True)
@@ -91,10 +100,10 @@ def log_det(x):
     y = y * m
     y = y * z
     fe = e.to(tl.float32)
-    y = y + fe * -2.12194440e-4
+    y = y + fe * LN2_LO
     y = y - z * 0.5
     r = m + y
-    r = r + fe * 0.693359375
+    r = r + fe * LN2_HI
     return tl.where(ok, r, NEG_INF)
 
 

@@ -157,8 +157,8 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
   // lanes count as 0 and a vector of them skips the arithmetic: the same sum, and real (peaked) logits have
   // most of a vocabulary there. With e, exp_det's own cut-off -87.
   const __m512 t_v = _mm512_set1_ps(inv_t), mx_v = _mm512_set1_ps(mx), lo = _mm512_set1_ps(kStore ? -87.0f : -28.0f);
-  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), round_v = _mm512_set1_ps(ensemble::kRound32nds);
-  const __m512 c1 = _mm512_set1_ps(0.693359375f), c2 = _mm512_set1_ps(-2.12194440e-4f);
+  const __m512 log2e = _mm512_set1_ps(ensemble::kLog2e), round_v = _mm512_set1_ps(ensemble::kRound32nds);
+  const __m512 c1 = _mm512_set1_ps(ensemble::kLn2Hi), c2 = _mm512_set1_ps(ensemble::kLn2Lo);
   const __m512 q1 = _mm512_set1_ps(ensemble::kExpC1), q2 = _mm512_set1_ps(ensemble::kExpC2);
   const __m512 fix_scale = _mm512_set1_ps(ensemble::kFixScale);
   // Without e, a table scaled by 2^40: (t * 2^40) * q + t * 2^40 = 2^40 * (t * q + t) exactly, so the loop

@@ -1,6 +1,6 @@
 // Union-vocabulary ensembling on CUDA: the arithmetic of pyfuse/reference/ensemble.py through the shared
-// header (table-and-quadratic exp, Cephes log, fixed-point sums; built with -fmad=false), so results equal the CPU and Triton
-// backends bit for bit. Block reductions use a fixed shared-memory tree; float sums over sets are
+// header (table-and-quadratic exp, Cephes log, fixed-point sums; built with -fmad=false), so results equal the
+// CPU and Triton backends bit for bit. Block reductions use a fixed shared-memory tree; float sums over sets are
 // fixed-point int64, so the grid shape never changes a result. Cross-tile steps run in torch (ops.py).
 #include "cuda/check.cuh"
 #include "pyfuse/ensemble.h"

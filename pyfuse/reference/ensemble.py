@@ -43,6 +43,8 @@ EXP2_THIRTYSECONDS = tuple(float.fromhex(h) for h in (
     "0x1.f50766p+0"))
 _EXP2_TABLE = torch.tensor(EXP2_THIRTYSECONDS, dtype=torch.float32)
 ROUND_32NDS = 393216.0  # 1.5 * 2**18: a float32 in [2**18, 2**19) has ulp 1/32
+LOG2E = 1.44269504088896341
+LN2_HI, LN2_LO = 0.693359375, -2.12194440e-4  # Cephes' two-part ln2 (exp_det, log_det)
 EXP_C1 = 1.000014305114746  # exp(r) - 1 ~ r * (EXP_C1 + EXP_C2 * r) on |r| <= ln2/64, fitted (float32 values)
 EXP_C2 = 0.49996230006217957
 
@@ -61,9 +63,9 @@ def exp_det(z: torch.Tensor) -> torch.Tensor:
     """
     ok = z >= EXP_LOW
     z = torch.where(ok, z, torch.zeros_like(z))
-    kk = (z * 1.44269504088896341 + ROUND_32NDS) - ROUND_32NDS  # k / 32, exact
-    r = z - kk * 0.693359375
-    r = r - kk * -2.12194440e-4
+    kk = (z * LOG2E + ROUND_32NDS) - ROUND_32NDS  # k / 32, exact
+    r = z - kk * LN2_HI
+    r = r - kk * LN2_LO
     q = (r * EXP_C2 + EXP_C1) * r
     k = (kk * 32.0).to(torch.int32)
     t = _EXP2_TABLE.to(z.device)[(k & 31).long()]
@@ -88,10 +90,10 @@ def log_det(x: torch.Tensor) -> torch.Tensor:
     y = y * m
     y = y * z
     fe = e.to(torch.float32)
-    y = y + fe * -2.12194440e-4
+    y = y + fe * LN2_LO
     y = y - z * 0.5
     r = m + y
-    r = r + fe * 0.693359375
+    r = r + fe * LN2_HI
     return torch.where(ok, r, torch.full_like(r, float("-inf")))
 
 

@@ -65,6 +65,8 @@ constexpr float kExp2ThirtySeconds[32] = PYFUSE_EXP2_THIRTYSECONDS;
 __device__ const float kExp2ThirtySecondsDevice[32] = PYFUSE_EXP2_THIRTYSECONDS;
 #endif
 constexpr float kRound32nds = 393216.0f;  // 1.5 * 2^18: a float in [2^18, 2^19) has ulp 1/32
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;  // Cephes' two-part ln2 (exp_det, log_det)
 constexpr float kExpC1 = 1.000014305114746f, kExpC2 = 0.49996230006217957f;
 
 PYFUSE_HD float exp2_thirtyseconds(int32_t j) {
@@ -81,9 +83,9 @@ PYFUSE_HD float exp2_thirtyseconds(int32_t j) {
 PYFUSE_HD float exp_det(float z) {
   const bool ok = z >= -87.0f;
   z = select(ok, z, 0.0f);
-  const float kk = (z * 1.44269504088896341f + kRound32nds) - kRound32nds;  // k / 32: the add rounds
-  float r = z - kk * 0.693359375f;
-  r = r - kk * -2.12194440e-4f;
+  const float kk = (z * kLog2e + kRound32nds) - kRound32nds;  // k / 32: the add rounds
+  float r = z - kk * kLn2Hi;
+  r = r - kk * kLn2Lo;
   const float q = (r * kExpC2 + kExpC1) * r;
   const int32_t k = static_cast<int32_t>(kk * 32.0f);
   const float t = exp2_thirtyseconds(k & 31);
@@ -112,10 +114,10 @@ PYFUSE_HD float log_det(float x) {
   y = y * m;
   y = y * z;
   const float fe = static_cast<float>(e);
-  y = y + fe * -2.12194440e-4f;
+  y = y + fe * kLn2Lo;
   y = y - z * 0.5f;
   float r = m + y;
-  r = r + fe * 0.693359375f;
+  r = r + fe * kLn2Hi;
   return select(ok, r, bits_float(0xFF800000u));
 }
 
