@@ -220,19 +220,20 @@ def _large_cpu_ops():
     from pyfuse.merge import dare_ties, della, task_arithmetic, ties
     shape = (1024, HUGEPAGE_MIN_BYTES // 4096)  # float32 output of exactly HUGEPAGE_MIN_BYTES
 
-    def tensors(seed, k=2):
-        gen = torch.Generator().manual_seed(seed)
-        return [torch.randn(shape, generator=gen) for _ in range(k + 1)]
+    def tensor(seed):
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def base_and_models(seed):  # a base and two models
+        return tensor(seed), [tensor(seed + 1000), tensor(seed + 2000)]
 
     return {
         "rand": lambda s: pyfuse.rand(HUGEPAGE_MIN_BYTES // 4, seed=s, backend="cpu"),
-        "magnitude_prune": lambda s: pyfuse.magnitude_prune(tensors(s, 0)[0], 0.3, backend="cpu"),
-        "random_prune": lambda s: pyfuse.random_prune(tensors(s, 0)[0], 0.3, seed=s, backend="cpu"),
-        "task_arithmetic": lambda s: task_arithmetic(*(lambda t: (t[0], t[1:]))(tensors(s)), backend="cpu"),
-        "ties": lambda s: ties(*(lambda t: (t[0], t[1:]))(tensors(s)), density=0.3, backend="cpu"),
-        "dare_ties": lambda s: dare_ties(*(lambda t: (t[0], t[1:]))(tensors(s)), density=0.3, seed=s,
-                                         backend="cpu"),
-        "della": lambda s: della(*(lambda t: (t[0], t[1:]))(tensors(s)), density=0.3, seed=s, backend="cpu"),
+        "magnitude_prune": lambda s: pyfuse.magnitude_prune(tensor(s), 0.3, backend="cpu"),
+        "random_prune": lambda s: pyfuse.random_prune(tensor(s), 0.3, seed=s, backend="cpu"),
+        "task_arithmetic": lambda s: task_arithmetic(*base_and_models(s), backend="cpu"),
+        "ties": lambda s: ties(*base_and_models(s), density=0.3, backend="cpu"),
+        "dare_ties": lambda s: dare_ties(*base_and_models(s), density=0.3, seed=s, backend="cpu"),
+        "della": lambda s: della(*base_and_models(s), density=0.3, seed=s, backend="cpu"),
     }
 
 
