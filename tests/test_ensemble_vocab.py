@@ -43,8 +43,11 @@ def train_unigram() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.train_from_iterator(CORPUS, trainers.UnigramTrainer(
         vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], unk_token="<unk>", show_progress=False))
-    pieces = [tuple(p) for p in json.loads(tok.model.__getstate__())["vocab"]]
-    pieces = pieces[:3] + [(f"<0x{b:02X}>", -20.0) for b in range(256)] + pieces[3:]
+    trained = [tuple(p) for p in json.loads(tok.model.__getstate__())["vocab"]]
+    # The trainer's piece order and the last bits of its scores vary from run to run (the same pieces): sorted
+    # and rounded, every run builds the same tokenizer (the generate tests' random models depend on its ids).
+    learned = sorted(((piece, round(score, 6)) for piece, score in trained[3:]), key=lambda p: (-p[1], p[0]))
+    pieces = trained[:3] + [(f"<0x{b:02X}>", -20.0) for b in range(256)] + learned
     tok = Tokenizer(models.Unigram(pieces, unk_id=0, byte_fallback=True))
     tok.pre_tokenizer = pre_tokenizers.Metaspace()
     tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
