@@ -727,6 +727,20 @@ struct Work {
 
   void record_near() { near.resize(grid.stat_items()); }
 
+  // The first union id u of row b whose running fixed-point sum of the scores r[0..u] exceeds target (-1:
+  // none). The key pass's tile sums (tsum: the same fix() terms, summed exactly) skip whole tiles, so only the
+  // tile holding u is scanned: the reference's running sum, without a serial walk over U ids.
+  int64_t sampled(int64_t b, const float* r, int64_t target) const {
+    const int64_t T = grid.tiles;
+    int64_t cum = 0, t = 0;
+    for (; t + 1 < T && cum + tsum[b * T + t] <= target; ++t) cum += tsum[b * T + t];
+    for (int64_t u = t * kTile; u < std::min((t + 1) * kTile, a.union_size); ++u) {
+      cum += fix(r[u]);
+      if (cum > target) return u;
+    }
+    return -1;
+  }
+
   // Whether the ids near a row max mx are recorded: not when |mx| is so large that float rounding could exceed
   // the bound's slack (ulp(mx) <= 2^-10 below 16384).
   bool records_near(float mx) const { return !near.empty() && std::fabs(mx) < 16384.0f; }
@@ -812,36 +826,43 @@ struct Work {
   // in rk.
   void key_phases(std::vector<Phase>& out, float* keys, bool per_slot, bool scores) {
     const int64_t U = a.union_size, T = grid.tiles;
-    if (!scores && !a.logprob && !a.renormalize) {
+    // A tile's first maximum key and (mode "prob": the keys are the scores) its fixed-point sum.
+    auto tile_stats = [this](int64_t i, int64_t u0, int64_t n, const float* key) {
+      tmax[i] = max_of(key, n);
+      targ[i] = u0 + (std::find(key, key + n, tmax[i]) - key);
+      tsum[i] = a.logprob ? 0 : fix_sum(key, n);
+    };
+    if (!a.logprob && !a.renormalize) {
       // Plain weighted sums: one model at a time over a group of the row's tiles, so that only that model's
       // exponentials are gathered from (a smaller random-access set than all models' at once), while the
       // group's keys (128 KB) stay in L2 from one model to the next (per model over the whole row: 5-8% slower).
       constexpr int64_t kGroup = 16;  // tiles
       const int64_t G = (T + kGroup - 1) / kGroup;
-      out.push_back({G, [this, keys, per_slot, U, T, G](int64_t i) {
+      out.push_back({G, [this, keys, per_slot, scores, tile_stats, U, T, G](int64_t i) {
                        const int64_t b = i / G, t0 = (i % G) * kGroup, t1 = std::min(T, t0 + kGroup);
                        const RowStats st = row_stats(b);
+                       float* row = keys + (per_slot ? slot(b) : b) * U;
                        for (int m = 0; m < a.num_models; ++m) {
                          for (int64_t t = t0; t < t1; ++t) {
-                           const int64_t u0 = t * kTile, n = std::min(kTile, U - u0);
-                           float* key = keys + (per_slot ? slot(b) : b) * U + u0;
-                           tile_add_model(a, b, st, m, exps_of(b, m), u0, n, key);
+                           const int64_t u0 = t * kTile;
+                           tile_add_model(a, b, st, m, exps_of(b, m), u0, std::min(kTile, U - u0), row + u0);
                          }
                        }
+                       for (int64_t t = t0; t < t1 && scores; ++t) {
+                         const int64_t u0 = t * kTile;
+                         tile_stats(b * T + t, u0, std::min(kTile, U - u0), row + u0);
+                       }
                      }});
-      return;
+    } else {
+      out.push_back({T, [this, keys, per_slot, scores, tile_stats, U, T](int64_t i) {
+                       const int64_t b = i / T, u0 = (i % T) * kTile, n = std::min(kTile, U - u0);
+                       float* key = keys + (per_slot ? slot(b) : b) * U + u0;
+                       float* e[ensemble::kMaxModels];
+                       for (int m = 0; m < a.num_models; ++m) e[m] = exps_of(b, m);
+                       tile_keys(a, b, row_stats(b), e, u0, n, key);
+                       if (scores) tile_stats(i, u0, n, key);
+                     }});
     }
-    out.push_back({T, [this, keys, per_slot, scores, U, T](int64_t i) {
-                     const int64_t b = i / T, u0 = (i % T) * kTile, n = std::min(kTile, U - u0);
-                     float* key = keys + (per_slot ? slot(b) : b) * U + u0;
-                     float* e[ensemble::kMaxModels];
-                     for (int m = 0; m < a.num_models; ++m) e[m] = exps_of(b, m);
-                     tile_keys(a, b, row_stats(b), e, u0, n, key);
-                     if (!scores) return;
-                     tmax[i] = max_of(key, n);
-                     targ[i] = u0 + (std::find(key, key + n, tmax[i]) - key);
-                     tsum[i] = a.logprob ? 0 : fix_sum(key, n);
-                   }});
     if (!scores) return;
     out.push_back({1, [this, T](int64_t b) {
                      float mx = tmax[b * T];
@@ -918,12 +939,7 @@ void next_token(const Args& a, bool greedy, uint64_t seed, uint32_t stream, int6
                           const bool no_key = a.logprob ? !(w.rk.kmax[b] > kNegInf) : !(w.rk.kmax[b] > 0.0f);
                           chosen = no_key ? -1 : w.rk.best[b];
                         } else if (w.rk.z[b] > 0) {
-                          const int64_t target = ensemble::sample_target(w.rk.z[b], seed, b, stream);
-                          int64_t cum = 0;
-                          for (int64_t u = 0; u < U && chosen < 0; ++u) {
-                            cum += fix(r[u]);
-                            if (cum > target) chosen = u;
-                          }
+                          chosen = w.sampled(b, r, ensemble::sample_target(w.rk.z[b], seed, b, stream));
                         }
                         p = chosen < 0 ? 0.0f : r[chosen] * inv_z;
                       }
