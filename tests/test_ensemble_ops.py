@@ -196,6 +196,74 @@ def test_cpu_avx512_paths_bit_identical(dtype, ordered, avx512):
             assert_bit_identical(logits, vmap, weights, [1.0, 0.7], mode, absent, "cpu", 4)
 
 
+def special_first(vmap):
+    """The same map with union id 0 renumbered last, as VocabMap numbers a model's specials after its text
+    tokens: model 0's id 0 then breaks its first vector's run of consecutive union ids."""
+    U = vmap.union_size
+    new_id = torch.cat([torch.tensor([U - 1]), torch.arange(U - 1)])
+    return SimpleVocabMap([torch.where(f >= 0, new_id[f.long().clamp(min=0)], -1).to(torch.int32)
+                           for f in vmap.to_union], U)
+
+
+def test_row_layout_tables():
+    """Model 0's row layout (pyfuse/ensemble/maps.py: row_layout) against its definition, id by id."""
+    vmap = special_first(synthetic_map((1000, 777), overlap=0.6, many_to_one=0.05, padding=3, seed=3))
+    bits, start, mstart, single, slot = tables_for(vmap, "cpu").row_layout
+    fwd = vmap.to_union[0].tolist()
+    first, count = {}, {}
+    for v, u in enumerate(fwd):
+        if u >= 0:
+            first.setdefault(u, v)
+            count[u] = count.get(u, 0) + 1
+    members = [v for v, u in enumerate(fwd) if u >= 0 and count[u] > 1]
+    for k in range(bits.numel()):
+        lanes = range(16 * k, min(16 * k + 16, len(fwd)))
+        firsts = [v for v in lanes if fwd[v] >= 0 and first[fwd[v]] == v]
+        mine = [v for v in lanes if v in set(members)]
+        word = int(bits[k]) & 0xFFFFFFFF
+        assert word & 0xFFFF == sum(1 << (v - 16 * k) for v in firsts)
+        assert word >> 16 == sum(1 << (v - 16 * k) for v in mine)
+        us = [fwd[v] for v in firsts]
+        assert int(start[k]) == (us[0] if us and us == list(range(us[0], us[0] + len(us))) else -1)
+        assert int(mstart[k]) == sum(v < 16 * k for v in members)
+    for u in range(vmap.union_size):
+        assert (int(single[u // 16]) >> (u % 16)) & 1 == (count.get(u, 0) == 1)
+    assert [members.index(v) for v in tables_for(vmap, "cpu").multi[0][:, 1].tolist()] == slot.tolist()
+    assert int(start[0]) == -1 and int((start >= 0).sum()) > 50  # one vector one by one, the rest runs
+    # Union ids numbered at random: model 0's vectors are not runs, so no layout (the gather path).
+    assert tables_for(synthetic_map((1000, 777), seed=3, ordered=False), "cpu").row_layout == []
+
+
+@pytest.mark.parametrize("batch", [1, 3], ids=["split", "rows"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_row_layout_bit_identical(batch, dtype):
+    """Mode "prob" / absent "zero" on a map with a row layout: the AVX-512 path writes model 0's exponentials
+    straight into the key row (the output of union_probs, a scratch row for sampling). Its results equal the
+    reference, the portable path and the same map without the layout: model 0 larger than a statistics chunk
+    in both thread modes (so chunks write at offsets of the row and of the many-to-one members' buffer), its
+    size no multiple of 16 (the scalar tail), a first vector that is not a run, 5% many-to-one ids, weights
+    per row. (tests/test_output_cache.py: into a reused output holding NaN.)"""
+    vmap = special_first(synthetic_map((40003, 777, 300), overlap=0.6, many_to_one=0.05, padding=3, seed=5))
+    assert tables_for(vmap, "cpu").row_layout
+    plain = SimpleVocabMap(list(vmap.to_union), vmap.union_size)
+    tables_for(plain, "cpu").row_layout.clear()
+    logits = make_logits(vmap, batch, dtype, "cpu", seed=2)
+    weights = torch.rand(batch, 3, generator=torch.Generator().manual_seed(1))
+    want = union_probs(logits, vmap, weights, backend="reference")
+    want_sample = next_token(logits, vmap, weights, greedy=False, seed=7, backend="reference")
+    runs = []
+    for avx512, m in ((True, vmap), (False, vmap), (True, plain)):
+        with cpu_avx512_paths(avx512) as used:
+            if avx512 and not used:
+                pytest.skip("this CPU has no AVX-512")
+            runs.append((union_probs(logits, m, weights, backend="cpu"),
+                         next_token(logits, m, weights, greedy=False, seed=7, backend="cpu")))
+    for got, sample in runs:
+        assert torch.equal(got, want)
+        assert torch.equal(sample.union_ids, want_sample.union_ids)
+        assert torch.equal(sample.prob, want_sample.prob)
+
+
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
 @pytest.mark.parametrize("dense", [True, False], ids=["all-mapped", "unmapped-ids"])
 def test_cpu_max_pass_blocks(avx512, dense):
@@ -497,8 +565,8 @@ def test_opcheck():
     logits = make_logits(vmap, 3, torch.float32, "cpu")
     t = tables_for(vmap, "cpu")
     w = _check_weights(None, 3, 2, "cpu")
-    common = (logits, t.to_union, t.rev_offsets, t.rev_ids, t.first_ids, t.multi, list(t.max_mult), t.present, w,
-              _pattern_coefficients(w, True), [1.0, 0.5], True, True)
+    common = (logits, t.to_union, t.rev_offsets, t.rev_ids, t.first_ids, t.multi, t.row_layout, list(t.max_mult),
+              t.present, w, _pattern_coefficients(w, True), [1.0, 0.5], True, True)
     torch.library.opcheck(torch.ops.pyfuse.union_probs.default, (*common, "cpu"))
     torch.library.opcheck(torch.ops.pyfuse.union_topk.default, (*common, 2, "cpu"))
     torch.library.opcheck(torch.ops.pyfuse.next_token.default, (*common, t.from_union, False, 5, 1, "cpu"))

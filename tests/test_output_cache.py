@@ -12,8 +12,9 @@ import torch
 import pyfuse
 from pyfuse import _output_cache
 from pyfuse._ext import HUGEPAGE_MIN_BYTES, new_output
-from pyfuse.ensemble import union_probs
-from test_ensemble_ops import make_logits, small_map
+from pyfuse.ensemble import synthetic_map, union_probs
+from pyfuse.ensemble.maps import tables_for
+from test_ensemble_ops import make_logits, small_map, special_first
 
 LARGE = (64, HUGEPAGE_MIN_BYTES // 256)  # float32: exactly HUGEPAGE_MIN_BYTES
 
@@ -197,11 +198,18 @@ def test_bad_environment_limit(monkeypatch, text):
         _output_cache._limit_from_env()
 
 
-@pytest.mark.parametrize("mode,absent", [("prob", "zero"), ("logprob", "renormalize")])
-def test_union_probs_into_a_reused_buffer(cache, mode, absent):
+@pytest.mark.parametrize("mode,absent,layout", [("prob", "zero", False), ("logprob", "renormalize", False),
+                                                ("prob", "zero", True)])
+def test_union_probs_into_a_reused_buffer(cache, mode, absent, layout):
     # B=64 x U=32768 float32 is exactly the size that is cached. The first output is filled with NaN before it
-    # is freed: any element the kernel does not write into the reused buffer shows up.
-    vmap = small_map([30000, 20000], LARGE[1], seed=3)
+    # is freed: any element the kernel does not write into the reused buffer shows up. layout: a map numbered
+    # as VocabMap numbers it, where the kernel writes model 0's exponentials into the output first and never
+    # reads the union ids model 0 lacks (U > 32768: still cached).
+    if layout:
+        vmap = special_first(synthetic_map((30000, 20000), seed=3))
+        assert tables_for(vmap, "cpu").row_layout and vmap.union_size >= LARGE[1]
+    else:
+        vmap = small_map([30000, 20000], LARGE[1], seed=3)
     first = union_probs(make_logits(vmap, LARGE[0], torch.float32, "cpu", seed=1), vmap, mode=mode, absent=absent,
                         backend="cpu")
     ptr = first.data_ptr()

@@ -3,7 +3,9 @@
 // how rows map to threads. Partial results are maxima and fixed-point int64 sums, which are exact and
 // order-free, so every split gives the reference's bits. The statistics pass stores each row's
 // exponentials (float32, whatever the logits dtype); keys gather them through the reverse index (first id
-// with AVX-512 gathers, the rare many-to-one ids added after, in id order).
+// with AVX-512 gathers, the rare many-to-one ids added after, in id order). Model 0's, whose ids a VocabMap
+// numbers in order, go straight into the key row at their union ids where the map has a row layout
+// (Work::row0), and its term is then read in place.
 #include <immintrin.h>
 #include <omp.h>
 
@@ -127,25 +129,64 @@ struct NearIds {
   std::vector<int32_t>* ids = nullptr;
 };
 
+// Model 0's exponentials straight into the key row (Args::row_*, the map's row layout): each first id's value
+// at its union id, each many-to-one member's into side (compact, in id order). The key pass then reads model
+// 0's term in place instead of gathering it.
+struct RowOut {
+  float* row;
+  float* side;
+  const int32_t* bits;
+  const int32_t* start;
+  const int32_t* mstart;
+};
+
+// What the exponential pass keeps of e_v: nothing (the sum only), e[v], or the RowOut layout.
+enum ExpKeep { kKeepNone, kKeepPlain, kKeepRow };
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+// kKeepRow: 16 e_v of ids v.. (v a multiple of 16) into the RowOut; sp is the next member slot. The first-id
+// lanes of a vector almost always have consecutive union ids (start >= 0): one compress and a masked store
+// of just those lanes (writing nothing past them, as a neighbouring chunk may be another thread's).
+PYFUSE_INLINE void keep_row(const RowOut& ro, const int32_t* fwd, int64_t v, __m512 f, int64_t& sp) {
+  const uint32_t bits = static_cast<uint32_t>(ro.bits[v >> 4]);
+  const __mmask16 first = static_cast<__mmask16>(bits), member = static_cast<__mmask16>(bits >> 16);
+  if (first != 0) {
+    const int32_t u = ro.start[v >> 4];
+    if (u >= 0) {
+      const __mmask16 low = static_cast<__mmask16>((1u << __builtin_popcount(first)) - 1u);
+      _mm512_mask_storeu_ps(ro.row + u, low, _mm512_maskz_compress_ps(first, f));
+    } else {
+      alignas(64) float lanes[16];
+      _mm512_store_ps(lanes, f);
+      for (uint32_t l = first; l != 0; l &= l - 1) ro.row[fwd[v + __builtin_ctz(l)]] = lanes[__builtin_ctz(l)];
+    }
+  }
+  if (member != 0) {
+    _mm512_mask_compressstoreu_ps(ro.side + sp, member, f);
+    sp += __builtin_popcount(member);
+  }
+}
+
 // chunk_expsum_t with AVX-512 intrinsics, the same values: exp_det's table lookup is one vpermt2ps whose
 // index is the rounding add itself (its low five mantissa bits are k & 31; vpermt2ps ignores the others), and
 // its scale by 2^(k >> 5) one vscalefps by 2^floor(kk) (the correctly rounded product, as the exponent-bit
 // multiply is). The tail goes through exp_det itself. Also records the NearIds, if asked.
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 // ahead (null: none): the same chunk in the row this thread takes next, fetched into L2 meanwhile (one line per
 // vector), so that row's max pass, otherwise bound by memory, reads from cache while this compute-bound loop
 // hides the transfer.
 // kDense: every id of [v0, v1) is mapped (Work::dense), so the map is not read.
 // The loop is bound by the vector floating-point port, so two operations are saved where the bits allow:
-// kUnitT (inv_t == 1): y = x, as x * 1 is x. !kStore (e null): the fixed-point operand e * 2^40 comes from
-// a table scaled by 2^40.
+// kUnitT (inv_t == 1): y = x, as x * 1 is x. kKeepNone (nothing kept): the fixed-point operand e * 2^40 comes
+// from a table scaled by 2^40.
 // [v0, v1) spans at most kChunk ids (a Grid chunk: hits has room for every vector). The loop calls no function:
 // every zmm register is caller-saved, so a call in it (the NearIds push_back) made GCC keep the constants on the
 // stack; hits are buffered and pushed after.
-template <int DT, bool kDense, bool kUnitT, bool kStore>
+template <int DT, bool kDense, bool kUnitT, int kKeep>
 int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx, float* e,
-                    NearIds near, const char* ahead) {
+                    const RowOut& ro, NearIds near, const char* ahead) {
+  constexpr bool kStore = kKeep != kKeepNone;
+  int64_t sp = kKeep == kKeepRow ? ro.mstart[v0 >> 4] : 0;  // v0: a chunk start, a multiple of 16
   struct Hits {
     int32_t v;  // ids < 2^22
     uint32_t lanes;
@@ -192,10 +233,9 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
     const __m512 t = _mm512_permutex2var_ps(table_lo, _mm512_castps_si512(rounded), table_hi);
     // vscalefps scales by 2^floor(kk) = 2^(k >> 5).
     __m512 f = _mm512_maskz_scalef_ps(ok, _mm512_add_ps(_mm512_mul_ps(t, q), t), kk);
-    if constexpr (kStore) {
-      _mm512_storeu_ps(e + v, f);
-      f = _mm512_mul_ps(f, fix_scale);
-    }
+    if constexpr (kKeep == kKeepPlain) _mm512_storeu_ps(e + v, f);
+    if constexpr (kKeep == kKeepRow) keep_row(ro, fwd, v, f, sp);
+    if constexpr (kStore) f = _mm512_mul_ps(f, fix_scale);
     // fix_unit's split of f = e * 2^40 (two vcvttps2qq and an extract, the int64 conversion, cost a third of
     // this loop): H / 2^20 <= 2^20 from the bits of f + kSplit, and floor(L) of the exact remainder.
     const __m512 split = _mm512_add_ps(f, split_v);
@@ -222,21 +262,31 @@ int64_t expsum_loop(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, f
     const float z = load_float(x, DT, v) * inv_t - mx;
     const float ev = ensemble::select(fwd[v] >= 0, exp_det(z), 0.0f);
     if (near.ids != nullptr && fwd[v] >= 0 && z >= near.z_min) near.ids->push_back(static_cast<int32_t>(v));
-    if (kStore) e[v] = ev;
+    if (kKeep == kKeepPlain) e[v] = ev;
+    if (kKeep == kKeepRow) {
+      const uint32_t bits = static_cast<uint32_t>(ro.bits[v >> 4]);
+      if ((bits >> (v & 15)) & 1u) ro.row[fwd[v]] = ev;
+      if ((bits >> (16 + (v & 15))) & 1u) ro.side[sp++] = ev;
+    }
     s += fix(ev);
   }
   return s;
 }
 
+template <int DT, bool kDense, bool kUnitT>
+int64_t expsum_keep(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx, float* e,
+                    const RowOut* ro, NearIds near, const char* ahead) {
+  static const RowOut kNoRow{};
+  if (ro != nullptr) return expsum_loop<DT, kDense, kUnitT, kKeepRow>(x, fwd, v0, v1, inv_t, mx, e, *ro, near, ahead);
+  return e ? expsum_loop<DT, kDense, kUnitT, kKeepPlain>(x, fwd, v0, v1, inv_t, mx, e, kNoRow, near, ahead)
+           : expsum_loop<DT, kDense, kUnitT, kKeepNone>(x, fwd, v0, v1, inv_t, mx, e, kNoRow, near, ahead);
+}
+
 template <int DT, bool kDense>
 int64_t chunk_expsum_avx512(const void* x, const int32_t* fwd, int64_t v0, int64_t v1, float inv_t, float mx,
-                            float* e, NearIds near, const char* ahead) {
-  if (inv_t == 1.0f) {
-    return e ? expsum_loop<DT, kDense, true, true>(x, fwd, v0, v1, inv_t, mx, e, near, ahead)
-             : expsum_loop<DT, kDense, true, false>(x, fwd, v0, v1, inv_t, mx, e, near, ahead);
-  }
-  return e ? expsum_loop<DT, kDense, false, true>(x, fwd, v0, v1, inv_t, mx, e, near, ahead)
-           : expsum_loop<DT, kDense, false, false>(x, fwd, v0, v1, inv_t, mx, e, near, ahead);
+                            float* e, const RowOut* ro, NearIds near, const char* ahead) {
+  return inv_t == 1.0f ? expsum_keep<DT, kDense, true>(x, fwd, v0, v1, inv_t, mx, e, ro, near, ahead)
+                       : expsum_keep<DT, kDense, false>(x, fwd, v0, v1, inv_t, mx, e, ro, near, ahead);
 }
 
 // chunk_max_t with AVX-512 intrinsics, the same results: plain maxima over blocks of 256 ids (four independent
@@ -292,11 +342,12 @@ void chunk_max(int32_t dt, const void* x, const int32_t* f, int64_t v0, int64_t 
   (dt == kFloat32 ? chunk_max_f32 : dt == kFloat16 ? chunk_max_f16 : chunk_max_bf16)(x, f, v0, v1, mx, at);
 }
 
-// near.ids is only filled on the AVX-512 path (callers check avx512_paths_usable()).
+// near.ids is only filled, and ro (non-null: e_v into the RowOut instead of e) only given, on the AVX-512 path
+// (callers check avx512_paths_usable()).
 int64_t chunk_expsum(int32_t dt, const void* x, const int32_t* f, int64_t v0, int64_t v1, bool dense, float t,
-                     float mx, float* e, NearIds near, const char* ahead) {
+                     float mx, float* e, const RowOut* ro, NearIds near, const char* ahead) {
   if (avx512_paths_usable()) {
-    return PYFUSE_AVX512_INSTANCE(chunk_expsum_avx512, dt, dense)(x, f, v0, v1, t, mx, e, near, ahead);
+    return PYFUSE_AVX512_INSTANCE(chunk_expsum_avx512, dt, dense)(x, f, v0, v1, t, mx, e, ro, near, ahead);
   }
   return (dt == kFloat32 ? chunk_expsum_f32 : dt == kFloat16 ? chunk_expsum_f16 : chunk_expsum_bf16)(x, f, v0, v1,
                                                                                                      t, mx, e);
@@ -427,6 +478,33 @@ void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const f
     for (; p < end && p->u == u; ++p) E = E + e[p->v];
     const float t = w * (E * inv_s);
     key[u - u0] = first ? t : key[u - u0] + t;
+  }
+}
+
+// Mode "prob" + absent "zero" with the row layout (Work::row0): model 0's term, the first (written), from the
+// key row itself, where the exponential pass put model 0's values: w * (e * inv_s) where model 0 has one id
+// for the union id (Args::row_single), a term of 0 elsewhere; then the many-to-one union ids' terms from the
+// members' values in side, summed as tile_exps sums them (0 + the ids in ascending order). The same values as
+// tile_add_model. u0 is a multiple of 16 (of kTile).
+__attribute__((target("avx512f"))) void tile_row0(const Args& a, int64_t b, const RowStats& st, const float* side,
+                                                  int64_t u0, int64_t n, float* key) {
+  const float w = a.weights[b * a.num_models], inv_s = st.inv_s[0];
+  const __m512 w_v = _mm512_set1_ps(w), inv_v = _mm512_set1_ps(inv_s);
+  const int32_t* single = a.row_single + (u0 >> 4);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = _mm512_maskz_loadu_ps(static_cast<__mmask16>(single[i >> 4]), key + i);
+    _mm512_storeu_ps(key + i, _mm512_mul_ps(w_v, _mm512_mul_ps(e, inv_v)));
+  }
+  for (; i < n; ++i) key[i] = w * ((((single[i >> 4] >> (i & 15)) & 1) ? key[i] : 0.0f) * inv_s);
+  const Extra *p, *end;
+  multi_in(a, 0, u0, n, &p, &end);
+  const Extra* all = reinterpret_cast<const Extra*>(a.multi[0]);
+  while (p < end) {
+    const int32_t u = p->u;
+    float E = 0.0f;
+    for (; p < end && p->u == u; ++p) E = E + side[a.row_slot[p - all]];
+    key[u - u0] = w * (E * inv_s);
   }
 }
 
@@ -704,6 +782,12 @@ struct Work {
   // the odd special token). Then the passes over the logits do not read the map, which costs as much memory
   // traffic as float32 logits (the max pass took 2.8x as long with it). One read of the maps per call.
   std::vector<uint8_t> dense;
+  // Mode "prob" + absent "zero" with the map's row layout on the AVX-512 path: model 0's exponentials go
+  // straight into the key rows (keys: [B, U], or [slots, U] when key_per_slot), its exps_of slot holds only
+  // its many-to-one members' values, and the key pass reads its term in place (tile_row0).
+  bool row0 = false;
+  float* keys = nullptr;
+  bool key_per_slot = false;
   Work(const Args& args, bool store_exps)
       : a(args), grid(args), pmax(grid.stat_items()), pat(grid.stat_items()), psum(grid.stat_items()),
         tmax(grid.key_items()), targ(grid.key_items()), tsum(grid.key_items()), dense(grid.chunks_per_row) {
@@ -719,6 +803,7 @@ struct Work {
       slot_size += a.vocab[m];
     }
     if (store_exps) exps = scratch_floats(0, slot_size * slots());
+    row0 = store_exps && a.row_bits != nullptr && !a.logprob && !a.renormalize && avx512_paths_usable();
     rk.kmax.resize(a.batch);
     rk.inv_z.resize(a.batch);
     rk.best.resize(a.batch);
@@ -751,6 +836,8 @@ struct Work {
     *near_m = recorded ? &near[first_chunk(b, m)] : nullptr;
     *chunks_m = recorded ? last_chunk(b, m) - first_chunk(b, m) : 0;
   }
+
+  float* key_row(int64_t b) { return keys + (key_per_slot ? slot(b) : b) * a.union_size; }
 
   float* exps_of(int64_t b, int m) {
     if (exps == nullptr) return nullptr;
@@ -816,16 +903,22 @@ struct Work {
                      // (union_probs B=64 qwen2+llama3: ~5-10% faster without).
                      const char* pf = (t_ahead_row < 0 || exps != nullptr)
                                           ? nullptr : static_cast<const char*>(row_ptr(a, m, t_ahead_row));
+                     const bool to_row = row0 && m == 0;
+                     const RowOut ro{to_row ? key_row(b) : nullptr, exps_of(b, m), a.row_bits, a.row_start,
+                                     a.row_mstart};
                      psum[i] = chunk_expsum(a.dtype, row_ptr(a, m, b), a.to_union[m], v0, v1,
-                                            dense[i % grid.chunks_per_row], a.inv_temp[m], mx, exps_of(b, m), rec, pf);
+                                            dense[i % grid.chunks_per_row], a.inv_temp[m], mx, exps_of(b, m),
+                                            to_row ? &ro : nullptr, rec, pf);
                    }});
   }
 
   // Keys of every (row, union id) into keys [B, U] (per_slot: [slots, U], row b at slot(b)); when `scores`,
   // turned into scores r in place (logprob: exp_det(key - max key)) with the row's first maximum key and Z
   // in rk.
-  void key_phases(std::vector<Phase>& out, float* keys, bool per_slot, bool scores) {
+  void key_phases(std::vector<Phase>& out, float* keys_out, bool per_slot, bool scores) {
     const int64_t U = a.union_size, T = grid.tiles;
+    keys = keys_out;  // the statistics phases, run before, write model 0's values there when row0
+    key_per_slot = per_slot;
     // A tile's first maximum key and (mode "prob": the keys are the scores) its fixed-point sum.
     auto tile_stats = [this](int64_t i, int64_t u0, int64_t n, const float* key) {
       tmax[i] = max_of(key, n);
@@ -838,14 +931,18 @@ struct Work {
       // group's keys (128 KB) stay in L2 from one model to the next (per model over the whole row: 5-8% slower).
       constexpr int64_t kGroup = 16;  // tiles
       const int64_t G = (T + kGroup - 1) / kGroup;
-      out.push_back({G, [this, keys, per_slot, scores, tile_stats, U, T, G](int64_t i) {
+      out.push_back({G, [this, scores, tile_stats, U, T, G](int64_t i) {
                        const int64_t b = i / G, t0 = (i % G) * kGroup, t1 = std::min(T, t0 + kGroup);
                        const RowStats st = row_stats(b);
-                       float* row = keys + (per_slot ? slot(b) : b) * U;
+                       float* row = key_row(b);
                        for (int m = 0; m < a.num_models; ++m) {
                          for (int64_t t = t0; t < t1; ++t) {
-                           const int64_t u0 = t * kTile;
-                           tile_add_model(a, b, st, m, exps_of(b, m), u0, std::min(kTile, U - u0), row + u0);
+                           const int64_t u0 = t * kTile, n = std::min(kTile, U - u0);
+                           if (row0 && m == 0) {
+                             tile_row0(a, b, st, exps_of(b, 0), u0, n, row + u0);
+                           } else {
+                             tile_add_model(a, b, st, m, exps_of(b, m), u0, n, row + u0);
+                           }
                          }
                        }
                        for (int64_t t = t0; t < t1 && scores; ++t) {
@@ -854,9 +951,9 @@ struct Work {
                        }
                      }});
     } else {
-      out.push_back({T, [this, keys, per_slot, scores, tile_stats, U, T](int64_t i) {
+      out.push_back({T, [this, scores, tile_stats, U, T](int64_t i) {
                        const int64_t b = i / T, u0 = (i % T) * kTile, n = std::min(kTile, U - u0);
-                       float* key = keys + (per_slot ? slot(b) : b) * U + u0;
+                       float* key = key_row(b) + u0;
                        float* e[ensemble::kMaxModels];
                        for (int m = 0; m < a.num_models; ++m) e[m] = exps_of(b, m);
                        tile_keys(a, b, row_stats(b), e, u0, n, key);
@@ -875,9 +972,9 @@ struct Work {
                      rk.best[b] = at;
                    }});
     if (a.logprob) {
-      out.push_back({T, [this, keys, per_slot, U, T](int64_t i) {
+      out.push_back({T, [this, U, T](int64_t i) {
                        const int64_t b = i / T, u0 = (i % T) * kTile, n = std::min(kTile, U - u0);
-                       float* r = keys + (per_slot ? slot(b) : b) * U + u0;
+                       float* r = key_row(b) + u0;
                        exp_scores(r, n, rk.kmax[b]);
                        tsum[i] = fix_sum(r, n);
                      }});

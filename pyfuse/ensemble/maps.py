@@ -61,6 +61,7 @@ class EnsembleTables:
     multi: list  # int32 [n, 2]: (union id, model id) of every id of a union id with several (CPU fast path)
     valid_counts: tuple  # mapped ids per model
     max_mult: tuple  # longest reverse list per model
+    row_layout: list = dataclasses.field(default_factory=list)  # model 0's, see row_layout(); [] when none
 
     @property
     def num_models(self) -> int:
@@ -77,10 +78,57 @@ def _multi_ids(offsets: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return torch.stack([owner[several].to(torch.int32), ids[several]], dim=1).contiguous()
 
 
+def _pack16(flags: torch.Tensor) -> torch.Tensor:
+    """int64 [ceil(n / 16)]: bit j of word k is flags[16 k + j]."""
+    pad = -flags.numel() % 16
+    lanes = torch.nn.functional.pad(flags, (0, pad)).view(-1, 16).to(torch.int64)
+    return (lanes << torch.arange(16)).sum(dim=1)
+
+
+def _as_int32(x: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) to int32 with the same bits."""
+    return torch.where(x >= 1 << 31, x - (1 << 32), x).to(torch.int32)
+
+
+def row_layout(fwd: torch.Tensor, counts: torch.Tensor, first: torch.Tensor, multi: torch.Tensor) -> list:
+    """The CPU kernel's layout for writing model 0's exponentials straight into the key row (int32 CPU tensors,
+    as ensemble.h's Args row_* fields), or [] when the map does not suit it.
+
+    Per vector of 16 model ids: which are the first (lowest) id of their union id, and which belong to a union
+    id with several ids (many-to-one members); the union id of its first first-id lane when those lanes' union
+    ids are consecutive (the kernel then writes them with one compress and store), else -1 (written one by
+    one); the members before it (the kernel keeps the members' values apart, compacted in id order). Per 16
+    union ids: where the model has exactly one id. Per many-to-one pair of ``multi``: its member rank.
+    ``VocabMap`` numbers model 0's text tokens in id order, so nearly every vector is consecutive; a map whose
+    vectors are mostly not (more than 1 in 8) gets [] and the kernel's gather path."""
+    V = fwd.numel()
+    ids = torch.arange(V, dtype=torch.int64)
+    u = fwd.to(torch.int64).clamp(min=0)
+    valid = fwd >= 0
+    first_lane = valid & (first.to(torch.int64)[u] == ids)
+    member = valid & (counts[u] > 1)
+    pad = -V % 16
+    fa = torch.nn.functional.pad(first_lane, (0, pad)).view(-1, 16)
+    uu = torch.nn.functional.pad(u, (0, pad)).view(-1, 16)
+    has = fa.any(dim=1)
+    start = uu.gather(1, fa.to(torch.int8).argmax(dim=1, keepdim=True)).squeeze(1)
+    consecutive = ~(fa & (uu != start[:, None] + fa.cumsum(dim=1) - 1)).any(dim=1)
+    if int((has & ~consecutive).sum()) * 8 > fa.shape[0]:
+        return []
+    start = torch.where(has & consecutive, start, torch.full_like(start, -1))
+    bits = _pack16(first_lane) | (_pack16(member) << 16)
+    per_vector = torch.nn.functional.pad(member, (0, pad)).view(-1, 16).sum(dim=1)
+    mstart = torch.cumsum(per_vector, 0) - per_vector
+    rank = torch.cumsum(member.to(torch.int64), 0) - 1
+    slot = rank[multi[:, 1].to(torch.int64)] if multi.numel() else torch.zeros(0, dtype=torch.int64)
+    return [_as_int32(bits), start.to(torch.int32), mstart.to(torch.int32), _as_int32(_pack16(counts == 1)),
+            slot.to(torch.int32)]
+
+
 def _tables(to_union, union_size: int, from_union, device) -> EnsembleTables:
     fields = {k: [] for k in ("to_union", "rev_offsets", "rev_ids", "from_union", "first_ids", "multi")}
     present = torch.zeros(union_size, dtype=torch.int32)
-    valid, mult = [], []
+    valid, mult, layout = [], [], []
     for m, fwd in enumerate(to_union):
         fwd = fwd.detach().to("cpu", torch.int32).contiguous()
         off, ids = build_reverse_index(fwd, union_size)
@@ -93,11 +141,14 @@ def _tables(to_union, union_size: int, from_union, device) -> EnsembleTables:
         single = torch.where(counts == 1, first, torch.full_like(first, -1))
         valid.append(int(ids.numel()))
         mult.append(int(counts.max()) if union_size else 0)
+        multi = _multi_ids(off, ids)
+        if m == 0 and torch.device(device).type == "cpu":
+            layout = row_layout(fwd, counts, first, multi)
         for key, t in (("to_union", fwd), ("rev_offsets", off), ("rev_ids", ids), ("from_union", canon),
-                       ("first_ids", single), ("multi", _multi_ids(off, ids))):
+                       ("first_ids", single), ("multi", multi)):
             fields[key].append(t.to(device))
     return EnsembleTables(union_size=union_size, present=present.to(torch.uint8).to(device),
-                          valid_counts=tuple(valid), max_mult=tuple(mult), **fields)
+                          valid_counts=tuple(valid), max_mult=tuple(mult), row_layout=layout, **fields)
 
 
 def check_map(vmap) -> None:

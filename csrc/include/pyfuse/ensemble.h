@@ -37,6 +37,14 @@ struct Args {
   int64_t num_multi[kMaxModels];         // pairs in multi
   int64_t max_mult[kMaxModels];          // longest reverse list
   const int32_t* from_union[kMaxModels];
+  // CPU fast path for model 0 (pyfuse/ensemble/maps.py: row_layout), all null when the map has none: the
+  // exponential pass writes model 0's values straight into the key row at their union ids.
+  const int32_t* row_bits;    // [ceil(V_0 / 16)] per 16 ids: first-id bits | many-to-one member bits << 16
+  const int32_t* row_start;   // [ceil(V_0 / 16)] union id of the vector's first first-id lane; -1: none, or
+                              // its first-id lanes' union ids are not consecutive
+  const int32_t* row_mstart;  // [ceil(V_0 / 16)] many-to-one members before the vector
+  const int32_t* row_single;  // [ceil(U / 16)] per 16 union ids: bits where model 0 has exactly one id
+  const int32_t* row_slot;    // [num_multi[0]] rank of multi[0]'s model id among the many-to-one members
   float inv_temp[kMaxModels];
   const uint8_t* present;  // [U] bit m: model m has the union id
   const float* weights;    // [B, M], rows sum to 1
@@ -170,7 +178,7 @@ inline void fill_ptrs(T* dst, const std::vector<uintptr_t>& src) {
 inline Args make_args(const Ptrs& logits, const std::vector<int64_t>& row_stride, const std::vector<int64_t>& vocab,
                const Ptrs& to_union, const Ptrs& rev_offsets, const Ptrs& rev_ids, const Ptrs& first_ids,
                const Ptrs& multi, const std::vector<int64_t>& num_multi, const std::vector<int64_t>& max_mult,
-               const Ptrs& from_union,
+               const Ptrs& from_union, const Ptrs& row_layout,
                const std::vector<float>& inv_temp, uintptr_t present, uintptr_t weights, uintptr_t cpat,
                int32_t dtype, int64_t batch, int64_t union_size, bool logprob, bool renormalize) {
   const size_t M = logits.size();
@@ -191,6 +199,11 @@ inline Args make_args(const Ptrs& logits, const std::vector<int64_t>& row_stride
   fill_ptrs(a.first_ids, first_ids);
   fill_ptrs(a.multi, multi);
   if (!from_union.empty()) fill_ptrs(a.from_union, from_union);
+  if (!row_layout.empty()) {
+    if (row_layout.size() != 5) throw std::invalid_argument("row_layout must hold 5 tables or none");
+    const int32_t** parts[5] = {&a.row_bits, &a.row_start, &a.row_mstart, &a.row_single, &a.row_slot};
+    for (size_t i = 0; i < 5; ++i) *parts[i] = reinterpret_cast<const int32_t*>(row_layout[i]);
+  }
   for (size_t m = 0; m < M; ++m) {
     a.row_stride[m] = row_stride[m];
     a.vocab[m] = vocab[m];
