@@ -249,15 +249,16 @@ def test_cpu_row_layout_bit_identical(batch, dtype):
     tables_for(plain, "cpu").row_layout.clear()
     logits = make_logits(vmap, batch, dtype, "cpu", seed=2)
     weights = torch.rand(batch, 3, generator=torch.Generator().manual_seed(1))
-    want = union_probs(logits, vmap, weights, backend="reference")
-    want_sample = next_token(logits, vmap, weights, greedy=False, seed=7, backend="reference")
+    temps = [0.8, 1.0, 1.3] if batch == 1 else 1.0  # model 0's loop with and without the 1 / T multiply
+    want = union_probs(logits, vmap, weights, temperature=temps, backend="reference")
+    want_sample = next_token(logits, vmap, weights, temperature=temps, greedy=False, seed=7, backend="reference")
     runs = []
     for avx512, m in ((True, vmap), (False, vmap), (True, plain)):
         with cpu_avx512_paths(avx512) as used:
             if avx512 and not used:
                 pytest.skip("this CPU has no AVX-512")
-            runs.append((union_probs(logits, m, weights, backend="cpu"),
-                         next_token(logits, m, weights, greedy=False, seed=7, backend="cpu")))
+            runs.append((union_probs(logits, m, weights, temperature=temps, backend="cpu"),
+                         next_token(logits, m, weights, temperature=temps, greedy=False, seed=7, backend="cpu")))
     for got, sample in runs:
         assert torch.equal(got, want)
         assert torch.equal(sample.union_ids, want_sample.union_ids)
