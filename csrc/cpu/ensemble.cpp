@@ -460,6 +460,24 @@ __attribute__((target("avx512f"))) int64_t gather_add_prob_avx512(const float* e
 // are one pass over the single ids (first_ids); at the many-to-one union ids (first_ids -1) that pass adds a
 // term of 0 (key + 0 is key: keys are >= 0, never -0; or 0 for the first model), and their terms come after,
 // from the sums over all their ids (multi), as tile_exps forms them: 0 + the ids in ascending order.
+// Model m's terms w * (E * inv_s) of the many-to-one union ids in [u0, u0 + n) into key (written when first,
+// else added), E = 0 + the values of their ids in ascending order; value(j) is that of pair j of multi[m]
+// (ascending by union id, then model id).
+template <typename Value>
+void multi_terms(const Args& a, int m, int64_t u0, int64_t n, float w, float inv_s, bool first, Value value,
+                 float* key) {
+  const Extra *p, *end;
+  multi_in(a, m, u0, n, &p, &end);
+  const Extra* all = reinterpret_cast<const Extra*>(a.multi[m]);
+  while (p < end) {
+    const int32_t u = p->u;
+    float E = 0.0f;
+    for (; p < end && p->u == u; ++p) E = E + value(p - all);
+    const float t = w * (E * inv_s);
+    key[u - u0] = first ? t : key[u - u0] + t;
+  }
+}
+
 void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const float* e, int64_t u0, int64_t n,
                     float* key) {
   const float w = a.weights[b * a.num_models + m], inv_s = st.inv_s[m];
@@ -470,15 +488,8 @@ void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const f
     const float t = w * ((first_id[i] >= 0 ? e[first_id[i]] : 0.0f) * inv_s);
     key[i] = first ? t : key[i] + t;
   }
-  const Extra *p, *end;
-  multi_in(a, m, u0, n, &p, &end);
-  while (p < end) {
-    const int32_t u = p->u;
-    float E = 0.0f;
-    for (; p < end && p->u == u; ++p) E = E + e[p->v];
-    const float t = w * (E * inv_s);
-    key[u - u0] = first ? t : key[u - u0] + t;
-  }
+  const Extra* pairs = reinterpret_cast<const Extra*>(a.multi[m]);
+  multi_terms(a, m, u0, n, w, inv_s, first, [&](int64_t j) { return e[pairs[j].v]; }, key);
 }
 
 // Mode "prob" + absent "zero" with the row layout (Work::row0): model 0's term, the first (written), from the
@@ -497,15 +508,7 @@ __attribute__((target("avx512f"))) void tile_row0(const Args& a, int64_t b, cons
     _mm512_storeu_ps(key + i, _mm512_mul_ps(w_v, _mm512_mul_ps(e, inv_v)));
   }
   for (; i < n; ++i) key[i] = w * ((((single[i >> 4] >> (i & 15)) & 1) ? key[i] : 0.0f) * inv_s);
-  const Extra *p, *end;
-  multi_in(a, 0, u0, n, &p, &end);
-  const Extra* all = reinterpret_cast<const Extra*>(a.multi[0]);
-  while (p < end) {
-    const int32_t u = p->u;
-    float E = 0.0f;
-    for (; p < end && p->u == u; ++p) E = E + side[a.row_slot[p - all]];
-    key[u - u0] = w * (E * inv_s);
-  }
+  multi_terms(a, 0, u0, n, w, inv_s, true, [&](int64_t j) { return side[a.row_slot[j]]; }, key);
 }
 
 // key(u) of batch row b for union ids [u0, u0 + n), n <= kTile, into key[n], from the row's exponentials
