@@ -268,6 +268,27 @@ def test_cpu_row_layout_bit_identical(batch, dtype):
 
 
 @pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
+def test_cpu_sparse_model_bit_identical(avx512):
+    """Mode "prob" / absent "zero" with a later model that covers few union ids (V_m * 4 <= U) and at least 4
+    rows: the CPU key pass adds that model's terms pair by pair (csrc/cpu/ensemble.cpp: SparsePairs) instead of
+    gathering 16 lanes at a time. Same bits as the reference: model 2 sparse, model 1 not, 5% many-to-one ids
+    (their sums go the usual way), weights per row, temperature != 1, the last tile partial."""
+    vmap = synthetic_map((40003, 30011, 3001), many_to_one=0.05, padding=3, seed=4)
+    assert 3001 * 4 <= vmap.union_size < 30011 * 4
+    logits = make_logits(vmap, 5, torch.float32, "cpu", seed=6)
+    weights = torch.rand(5, 3, generator=torch.Generator().manual_seed(2))
+    temps = [1.0, 0.7, 1.2]
+    with cpu_avx512_paths(avx512) as used:
+        if avx512 and not used:
+            pytest.skip("this CPU has no AVX-512")
+        got = union_probs(logits, vmap, weights, temperature=temps, backend="cpu")
+        sample = next_token(logits, vmap, weights, temperature=temps, greedy=False, seed=3, backend="cpu")
+    assert torch.equal(got, union_probs(logits, vmap, weights, temperature=temps, backend="reference"))
+    want = next_token(logits, vmap, weights, temperature=temps, greedy=False, seed=3, backend="reference")
+    assert torch.equal(sample.union_ids, want.union_ids) and torch.equal(sample.prob, want.prob)
+
+
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
 @pytest.mark.parametrize("dense", [True, False], ids=["all-mapped", "unmapped-ids"])
 def test_cpu_max_pass_blocks(avx512, dense):
     """The CPU max pass (blocks of 256 ids, a block rescanned for the lowest id of its max; the map not read in
