@@ -481,26 +481,38 @@ void multi_terms(const Args& a, int m, int64_t u0, int64_t n, float w, float inv
   }
 }
 
-void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const float* e, int64_t u0, int64_t n,
-                    float* key) {
-  const float w = a.weights[b * a.num_models + m], inv_s = st.inv_s[m];
-  const bool first = m == 0;
-  const int32_t* first_id = a.first_ids[m] + u0;
-  for (int64_t i = avx512_paths_usable() ? gather_add_prob_avx512(e, first_id, n, w, inv_s, first, key) : 0; i < n;
-       ++i) {
-    const float t = w * ((first_id[i] >= 0 ? e[first_id[i]] : 0.0f) * inv_s);
-    key[i] = first ? t : key[i] + t;
-  }
-  const Extra* pairs = reinterpret_cast<const Extra*>(a.multi[m]);
-  multi_terms(a, m, u0, n, w, inv_s, first, [&](int64_t j) { return e[pairs[j].v]; }, key);
-}
-
 // Model m's (m > 0) pairs (union id, its single id), ascending by union id, with the first pair of each tile:
 // the union ids of a tile that model m has, when it has few (Work::sparse). It lacks most of the union.
 struct SparsePairs {
   std::vector<Extra> pairs;
   std::vector<int64_t> tile_start;  // [tiles + 1]
 };
+
+// Model m's term of union ids [u0, u0 + n) (a tile) into key[n], from its exponentials e: written for model 0,
+// else added. The single ids by gathers, or with sparse (model m > 0 lacks most union ids: SparsePairs) pair by
+// pair: where it has no id the gathers add a term of 0 (key + 0 is key), so the same values, without a 16-lane
+// gather for a few lanes (a gather costs the same with lanes masked off; on AMD Zen 4 ~6 ns even from L1).
+void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const float* e, const SparsePairs* sparse,
+                    int64_t u0, int64_t n, float* key) {
+  const float w = a.weights[b * a.num_models + m], inv_s = st.inv_s[m];
+  const bool first = m == 0;
+  if (sparse != nullptr) {
+    const int64_t t = u0 / kTile;
+    for (int64_t j = sparse->tile_start[t]; j < sparse->tile_start[t + 1]; ++j) {
+      const Extra& q = sparse->pairs[j];
+      key[q.u - u0] = key[q.u - u0] + w * (e[q.v] * inv_s);
+    }
+  } else {
+    const int32_t* first_id = a.first_ids[m] + u0;
+    for (int64_t i = avx512_paths_usable() ? gather_add_prob_avx512(e, first_id, n, w, inv_s, first, key) : 0;
+         i < n; ++i) {
+      const float t = w * ((first_id[i] >= 0 ? e[first_id[i]] : 0.0f) * inv_s);
+      key[i] = first ? t : key[i] + t;
+    }
+  }
+  const Extra* pairs = reinterpret_cast<const Extra*>(a.multi[m]);
+  multi_terms(a, m, u0, n, w, inv_s, first, [&](int64_t j) { return e[pairs[j].v]; }, key);
+}
 
 // The pairs of model m's single ids (first_ids >= 0) when its ids cover at most 1 in kSparseShare union ids
 // (V_m * kSparseShare <= U: known without reading the map); else empty. One pass over first_ids, so only
@@ -526,22 +538,6 @@ SparsePairs sparse_pairs(const Args& a, int m, int64_t tiles) {
   sp.tile_start[tiles] = k;
   sp.pairs.resize(k);
   return sp;
-}
-
-// tile_add_model for a model m > 0 that lacks most union ids (SparsePairs of tile t = u0 / kTile): the terms
-// of the union ids it has, added one by one. Where it has none the gather path adds a term of 0 (key + 0 is
-// key): the same values, without a 16-lane gather for a few lanes (a gather costs the same with lanes masked
-// off; on AMD Zen 4 ~6 ns even from L1).
-void tile_add_sparse(const Args& a, int64_t b, const RowStats& st, int m, const float* e, const SparsePairs& sp,
-                     int64_t u0, int64_t n, float* key) {
-  const float w = a.weights[b * a.num_models + m], inv_s = st.inv_s[m];
-  const int64_t t = u0 / kTile;
-  for (int64_t j = sp.tile_start[t]; j < sp.tile_start[t + 1]; ++j) {
-    const Extra& q = sp.pairs[j];
-    key[q.u - u0] = key[q.u - u0] + w * (e[q.v] * inv_s);
-  }
-  const Extra* pairs = reinterpret_cast<const Extra*>(a.multi[m]);
-  multi_terms(a, m, u0, n, w, inv_s, false, [&](int64_t j) { return e[pairs[j].v]; }, key);
 }
 
 // Mode "prob" + absent "zero" with the row layout (Work::row0): model 0's term, the first (written), from the
@@ -1000,10 +996,9 @@ struct Work {
                            const int64_t u0 = t * kTile, n = std::min(kTile, U - u0);
                            if (row0 && m == 0) {
                              tile_row0(a, b, st, exps_of(b, 0), u0, n, row + u0);
-                           } else if (!sparse[m].pairs.empty()) {
-                             tile_add_sparse(a, b, st, m, exps_of(b, m), sparse[m], u0, n, row + u0);
                            } else {
-                             tile_add_model(a, b, st, m, exps_of(b, m), u0, n, row + u0);
+                             tile_add_model(a, b, st, m, exps_of(b, m), sparse[m].pairs.empty() ? nullptr : &sparse[m],
+                                            u0, n, row + u0);
                            }
                          }
                        }
