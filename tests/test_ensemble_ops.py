@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pyfuse.ensemble import SimpleVocabMap, next_token, synthetic_map, union_probs, union_topk
-from pyfuse.ensemble.maps import build_reverse_index, tables_for
+from pyfuse.ensemble.maps import SPARSE_SHARE, build_reverse_index, tables_for
 from pyfuse.ensemble.ops import MAX_TOPK, _check_weights, _pattern_coefficients
 from pyfuse.reference import ensemble as ref
 from helpers import BACKEND_DEVICES, FLOAT_DTYPES, KERNEL_BACKEND_DEVICES, cpu_avx512_paths
@@ -267,16 +267,30 @@ def test_cpu_row_layout_bit_identical(batch, dtype):
         assert torch.equal(sample.prob, want_sample.prob)
 
 
-@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
-def test_cpu_sparse_model_bit_identical(avx512):
-    """Mode "prob" / absent "zero" with a later model that covers few union ids (V_m * 4 <= U) and at least 4
-    rows: the CPU key pass adds that model's terms pair by pair (csrc/cpu/ensemble.cpp: SparsePairs) instead of
-    gathering 16 lanes at a time. Same bits as the reference: model 2 sparse, model 1 not, 5% many-to-one ids
-    (their sums go the usual way), weights per row, temperature != 1, the last tile partial."""
+def test_sparse_pairs_tables():
+    """The map's sparse pairs (pyfuse/ensemble/maps.py: sparse_pairs) against their definition: for a later
+    model whose single ids cover at most 1 in SPARSE_SHARE union ids, every (union id, its only id), ascending;
+    none for model 0 and for a model covering more."""
     vmap = synthetic_map((40003, 30011, 3001), many_to_one=0.05, padding=3, seed=4)
-    assert 3001 * 4 <= vmap.union_size < 30011 * 4
-    logits = make_logits(vmap, 5, torch.float32, "cpu", seed=6)
-    weights = torch.rand(5, 3, generator=torch.Generator().manual_seed(2))
+    t = tables_for(vmap, "cpu")
+    assert t.sparse[0].shape == (0, 2) and t.sparse[1].shape == (0, 2)
+    single = t.first_ids[2]
+    want = [(u, int(single[u])) for u in range(vmap.union_size) if int(single[u]) >= 0]
+    assert 0 < len(want) * SPARSE_SHARE <= vmap.union_size
+    assert [tuple(p) for p in t.sparse[2].tolist()] == want
+
+
+@pytest.mark.parametrize("batch", [1, 5], ids=["split", "rows"])
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512", "portable"])
+def test_cpu_sparse_model_bit_identical(batch, avx512):
+    """Mode "prob" / absent "zero" with a later model that covers few union ids: the CPU key pass adds that
+    model's terms pair by pair from the map's sparse pairs instead of gathering 16 lanes at a time. Same bits as
+    the reference in both thread modes: model 2 sparse, model 1 not, 5% many-to-one ids (their sums go the
+    usual way), weights per row, temperature != 1, the last tile partial."""
+    vmap = synthetic_map((40003, 30011, 3001), many_to_one=0.05, padding=3, seed=4)
+    assert tables_for(vmap, "cpu").sparse[2].shape[0] > 0
+    logits = make_logits(vmap, batch, torch.float32, "cpu", seed=6)
+    weights = torch.rand(batch, 3, generator=torch.Generator().manual_seed(2))
     temps = [1.0, 0.7, 1.2]
     with cpu_avx512_paths(avx512) as used:
         if avx512 and not used:
@@ -589,8 +603,8 @@ def test_opcheck():
     logits = make_logits(vmap, 3, torch.float32, "cpu")
     t = tables_for(vmap, "cpu")
     w = _check_weights(None, 3, 2, "cpu")
-    common = (logits, t.to_union, t.rev_offsets, t.rev_ids, t.first_ids, t.multi, t.row_layout, list(t.max_mult),
-              t.present, w, _pattern_coefficients(w, True), [1.0, 0.5], True, True)
+    common = (logits, t.to_union, t.rev_offsets, t.rev_ids, t.first_ids, t.multi, t.row_layout, t.sparse,
+              list(t.max_mult), t.present, w, _pattern_coefficients(w, True), [1.0, 0.5], True, True)
     torch.library.opcheck(torch.ops.pyfuse.union_probs.default, (*common, "cpu"))
     torch.library.opcheck(torch.ops.pyfuse.union_topk.default, (*common, 2, "cpu"))
     torch.library.opcheck(torch.ops.pyfuse.next_token.default, (*common, t.from_union, False, 5, 1, "cpu"))

@@ -420,12 +420,16 @@ struct Extra {
   int32_t u, v;
 };
 
+// The pairs of all[0, count) (ascending by union id) with union ids in [u0, u0 + n): [*begin, *end).
+void pairs_in(const int32_t* pairs, int64_t count, int64_t u0, int64_t n, const Extra** begin, const Extra** end) {
+  const Extra* all = reinterpret_cast<const Extra*>(pairs);
+  *begin = std::lower_bound(all, all + count, u0, [](const Extra& q, int64_t u) { return q.u < u; });
+  *end = std::lower_bound(*begin, all + count, u0 + n, [](const Extra& q, int64_t u) { return q.u < u; });
+}
+
 // Model m's pairs of the many-to-one union ids in [u0, u0 + n), ascending: [*begin, *end).
 void multi_in(const Args& a, int m, int64_t u0, int64_t n, const Extra** begin, const Extra** end) {
-  const Extra* all = reinterpret_cast<const Extra*>(a.multi[m]);
-  const Extra* last = all + a.num_multi[m];
-  *begin = std::lower_bound(all, last, u0, [](const Extra& q, int64_t u) { return q.u < u; });
-  *end = std::lower_bound(*begin, last, u0 + n, [](const Extra& q, int64_t u) { return q.u < u; });
+  pairs_in(a.multi[m], a.num_multi[m], u0, n, begin, end);
 }
 
 // Model m's exponentials of union ids [u0, u0 + n) (the sum over its ids) into E[n], from its row e.
@@ -481,26 +485,18 @@ void multi_terms(const Args& a, int m, int64_t u0, int64_t n, float w, float inv
   }
 }
 
-// Model m's (m > 0) pairs (union id, its single id), ascending by union id, with the first pair of each tile:
-// the union ids of a tile that model m has, when it has few (Work::sparse). It lacks most of the union.
-struct SparsePairs {
-  std::vector<Extra> pairs;
-  std::vector<int64_t> tile_start;  // [tiles + 1]
-};
-
 // Model m's term of union ids [u0, u0 + n) (a tile) into key[n], from its exponentials e: written for model 0,
-// else added. The single ids by gathers, or with sparse (model m > 0 lacks most union ids: SparsePairs) pair by
-// pair: where it has no id the gathers add a term of 0 (key + 0 is key), so the same values, without a 16-lane
-// gather for a few lanes (a gather costs the same with lanes masked off; on AMD Zen 4 ~6 ns even from L1).
-void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const float* e, const SparsePairs* sparse,
-                    int64_t u0, int64_t n, float* key) {
+// else added. The single ids by gathers, or, for a later model with few (Args::sparse), pair by pair: where it
+// has no id the gathers add a term of 0 (key + 0 is key), so the same values, without a 16-lane gather for a
+// few lanes (a gather costs the same with lanes masked off; on AMD Zen 4 ~6 ns even from L1).
+void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const float* e, int64_t u0, int64_t n,
+                    float* key) {
   const float w = a.weights[b * a.num_models + m], inv_s = st.inv_s[m];
   const bool first = m == 0;
-  if (sparse != nullptr) {
-    const int64_t t = u0 / kTile;
-    for (int64_t j = sparse->tile_start[t]; j < sparse->tile_start[t + 1]; ++j) {
-      const Extra& q = sparse->pairs[j];
-      key[q.u - u0] = key[q.u - u0] + w * (e[q.v] * inv_s);
+  if (a.num_sparse[m] > 0) {  // never model 0 (make_args)
+    const Extra *p, *end;
+    for (pairs_in(a.sparse[m], a.num_sparse[m], u0, n, &p, &end); p < end; ++p) {
+      key[p->u - u0] = key[p->u - u0] + w * (e[p->v] * inv_s);
     }
   } else {
     const int32_t* first_id = a.first_ids[m] + u0;
@@ -512,32 +508,6 @@ void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const f
   }
   const Extra* pairs = reinterpret_cast<const Extra*>(a.multi[m]);
   multi_terms(a, m, u0, n, w, inv_s, first, [&](int64_t j) { return e[pairs[j].v]; }, key);
-}
-
-// The pairs of model m's single ids (first_ids >= 0) when its ids cover at most 1 in kSparseShare union ids
-// (V_m * kSparseShare <= U: known without reading the map); else empty. One pass over first_ids, so only
-// for calls of at least kSparseRows rows (three models, V = 151936 + 128256 + 32000: B=4 the same time either
-// way, B=8 ~8% less, B=64 ~9% less).
-constexpr int64_t kSparseShare = 4, kSparseRows = 4;
-SparsePairs sparse_pairs(const Args& a, int m, int64_t tiles) {
-  SparsePairs sp;
-  if (a.vocab[m] * kSparseShare > a.union_size || a.batch < kSparseRows) return sp;
-  const int32_t* first_id = a.first_ids[m];
-  // Each pair is written, then kept by advancing past it only where the id exists (no branch to mispredict);
-  // model m has at most V_m single ids, so V_m + 1 slots suffice.
-  sp.pairs.resize(a.vocab[m] + 1);
-  sp.tile_start.resize(tiles + 1);
-  int64_t k = 0;
-  for (int64_t t = 0; t < tiles; ++t) {
-    sp.tile_start[t] = k;
-    for (int64_t u = t * kTile; u < std::min(a.union_size, (t + 1) * kTile); ++u) {
-      sp.pairs[k] = {static_cast<int32_t>(u), first_id[u]};
-      k += first_id[u] >= 0;
-    }
-  }
-  sp.tile_start[tiles] = k;
-  sp.pairs.resize(k);
-  return sp;
 }
 
 // Mode "prob" + absent "zero" with the row layout (Work::row0): model 0's term, the first (written), from the
@@ -838,8 +808,6 @@ struct Work {
   // its many-to-one members' values, and the key pass reads its term in place (tile_row0).
   bool row0 = false;
   float* keys = nullptr;
-  // Mode "prob" + absent "zero": per model > 0, its SparsePairs when it lacks most of the union (else empty).
-  SparsePairs sparse[ensemble::kMaxModels];
   bool key_per_slot = false;
   Work(const Args& args, bool store_exps)
       : a(args), grid(args), pmax(grid.stat_items()), pat(grid.stat_items()), psum(grid.stat_items()),
@@ -857,9 +825,6 @@ struct Work {
     }
     if (store_exps) exps = scratch_floats(0, slot_size * slots());
     row0 = store_exps && a.row_bits != nullptr && !a.logprob && !a.renormalize && avx512_paths_usable();
-    for (int m = 1; m < a.num_models && store_exps && !a.logprob && !a.renormalize; ++m) {
-      sparse[m] = sparse_pairs(a, m, grid.tiles);
-    }
     rk.kmax.resize(a.batch);
     rk.inv_z.resize(a.batch);
     rk.best.resize(a.batch);
@@ -997,8 +962,7 @@ struct Work {
                            if (row0 && m == 0) {
                              tile_row0(a, b, st, exps_of(b, 0), u0, n, row + u0);
                            } else {
-                             tile_add_model(a, b, st, m, exps_of(b, m), sparse[m].pairs.empty() ? nullptr : &sparse[m],
-                                            u0, n, row + u0);
+                             tile_add_model(a, b, st, m, exps_of(b, m), u0, n, row + u0);
                            }
                          }
                        }

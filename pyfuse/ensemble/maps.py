@@ -62,6 +62,9 @@ class EnsembleTables:
     valid_counts: tuple  # mapped ids per model
     max_mult: tuple  # longest reverse list per model
     row_layout: list = dataclasses.field(default_factory=list)  # model 0's, see row_layout(); [] when none
+    # int32 [n, 2] per model: (union id, its single id) ascending, for a later model whose single ids cover at
+    # most 1 in SPARSE_SHARE union ids (CPU fast path: its terms are added pair by pair); [0, 2] otherwise.
+    sparse: list = dataclasses.field(default_factory=list)
 
     @property
     def num_models(self) -> int:
@@ -125,10 +128,23 @@ def row_layout(fwd: torch.Tensor, counts: torch.Tensor, first: torch.Tensor, mul
             slot.to(torch.int32)]
 
 
+SPARSE_SHARE = 4
+
+
+def sparse_pairs(single: torch.Tensor, m: int) -> torch.Tensor:
+    """int32 [n, 2]: (union id, model id) where model m > 0 has exactly one id, when those cover at most 1 in
+    SPARSE_SHARE union ids; else [0, 2]. The CPU key pass then adds that model's terms pair by pair: its 16-lane
+    gathers over the union would be mostly masked-off lanes, which cost as much as real ones."""
+    u = torch.nonzero(single >= 0).flatten()
+    if m == 0 or u.numel() * SPARSE_SHARE > single.numel():
+        return torch.zeros(0, 2, dtype=torch.int32)
+    return torch.stack([u.to(torch.int32), single[u]], dim=1).contiguous()
+
+
 def _tables(to_union, union_size: int, from_union, device) -> EnsembleTables:
     fields = {k: [] for k in ("to_union", "rev_offsets", "rev_ids", "from_union", "first_ids", "multi")}
     present = torch.zeros(union_size, dtype=torch.int32)
-    valid, mult, layout = [], [], []
+    valid, mult, layout, sparse = [], [], [], []
     for m, fwd in enumerate(to_union):
         fwd = fwd.detach().to("cpu", torch.int32).contiguous()
         off, ids = build_reverse_index(fwd, union_size)
@@ -142,13 +158,18 @@ def _tables(to_union, union_size: int, from_union, device) -> EnsembleTables:
         valid.append(int(ids.numel()))
         mult.append(int(counts.max()) if union_size else 0)
         multi = _multi_ids(off, ids)
-        if m == 0 and torch.device(device).type == "cpu":
-            layout = row_layout(fwd, counts, first, multi)
+        if torch.device(device).type == "cpu":
+            if m == 0:
+                layout = row_layout(fwd, counts, first, multi)
+            sparse.append(sparse_pairs(single, m))
+        else:
+            sparse.append(torch.zeros(0, 2, dtype=torch.int32, device=device))
         for key, t in (("to_union", fwd), ("rev_offsets", off), ("rev_ids", ids), ("from_union", canon),
                        ("first_ids", single), ("multi", multi)):
             fields[key].append(t.to(device))
     return EnsembleTables(union_size=union_size, present=present.to(torch.uint8).to(device),
-                          valid_counts=tuple(valid), max_mult=tuple(mult), row_layout=layout, **fields)
+                          valid_counts=tuple(valid), max_mult=tuple(mult), row_layout=layout, sparse=sparse,
+                          **fields)
 
 
 def check_map(vmap) -> None:

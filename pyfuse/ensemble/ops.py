@@ -128,8 +128,8 @@ def _prepare(logits, vmap, weights, temperature, mode, absent, backend):
     inv_temp = _check_temperature(temperature, M)
     name = resolve_backend(device, backend)
     args = (logits, tables.to_union, tables.rev_offsets, tables.rev_ids, tables.first_ids, tables.multi,
-            tables.row_layout, list(tables.max_mult), tables.present, w, cpat, inv_temp, mode == "logprob",
-            absent == "renormalize")
+            tables.row_layout, tables.sparse, list(tables.max_mult), tables.present, w, cpat, inv_temp,
+            mode == "logprob", absent == "renormalize")
     return args, tables, name
 
 
@@ -209,39 +209,39 @@ def next_token(logits, vmap, weights=None, *, greedy: bool = True, seed: int | N
 @library_op("union_probs")
 def _union_probs_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev_offsets: list[torch.Tensor],
                     rev_ids: list[torch.Tensor], first_ids: list[torch.Tensor], multi: list[torch.Tensor],
-                    row_layout: list[torch.Tensor], max_mult: list[int], present: torch.Tensor, weights: torch.Tensor,
-                    cpat: torch.Tensor,
-                    inv_temp: list[float], logprob: bool, renormalize: bool, backend: str) -> torch.Tensor:
-    a = _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, max_mult, present, weights, cpat,
-              inv_temp, logprob, renormalize)
+                    row_layout: list[torch.Tensor], sparse: list[torch.Tensor], max_mult: list[int],
+                    present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor, inv_temp: list[float],
+                    logprob: bool, renormalize: bool, backend: str) -> torch.Tensor:
+    a = _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, sparse, max_mult, present,
+              weights, cpat, inv_temp, logprob, renormalize)
     if weights.shape[0] == 0:
         return weights.new_empty((0, present.shape[0]))
     return call_kernel("union_probs", backend, a)
 
 
 @_union_probs_op.register_fake
-def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, max_mult, present, weights, cpat, inv_temp,
-      logprob, renormalize, backend):
+def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, sparse, max_mult, present, weights, cpat,
+      inv_temp, logprob, renormalize, backend):
     return weights.new_empty((weights.shape[0], present.shape[0]))
 
 
 @library_op("union_topk")
 def _union_topk_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev_offsets: list[torch.Tensor],
                    rev_ids: list[torch.Tensor], first_ids: list[torch.Tensor], multi: list[torch.Tensor],
-                   row_layout: list[torch.Tensor], max_mult: list[int], present: torch.Tensor, weights: torch.Tensor,
-                   cpat: torch.Tensor,
-                   inv_temp: list[float], logprob: bool, renormalize: bool, k: int,
+                   row_layout: list[torch.Tensor], sparse: list[torch.Tensor], max_mult: list[int],
+                   present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor, inv_temp: list[float],
+                   logprob: bool, renormalize: bool, k: int,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    a = _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, max_mult, present, weights, cpat,
-              inv_temp, logprob, renormalize)
+    a = _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, sparse, max_mult, present,
+              weights, cpat, inv_temp, logprob, renormalize)
     if weights.shape[0] == 0:
         return weights.new_empty((0, k)), weights.new_empty((0, k), dtype=torch.int64)
     return call_kernel("union_topk", backend, a, k)
 
 
 @_union_topk_op.register_fake
-def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, max_mult, present, weights, cpat, inv_temp,
-      logprob, renormalize, k, backend):
+def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, sparse, max_mult, present, weights, cpat,
+      inv_temp, logprob, renormalize, k, backend):
     B = weights.shape[0]
     return weights.new_empty((B, k)), weights.new_empty((B, k), dtype=torch.int64)
 
@@ -249,13 +249,13 @@ def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, max_
 @library_op("next_token")
 def _next_token_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev_offsets: list[torch.Tensor],
                    rev_ids: list[torch.Tensor], first_ids: list[torch.Tensor], multi: list[torch.Tensor],
-                   row_layout: list[torch.Tensor], max_mult: list[int], present: torch.Tensor, weights: torch.Tensor,
-                   cpat: torch.Tensor,
-                   inv_temp: list[float], logprob: bool, renormalize: bool, from_union: list[torch.Tensor],
+                   row_layout: list[torch.Tensor], sparse: list[torch.Tensor], max_mult: list[int],
+                   present: torch.Tensor, weights: torch.Tensor, cpat: torch.Tensor, inv_temp: list[float],
+                   logprob: bool, renormalize: bool, from_union: list[torch.Tensor],
                    greedy: bool, seed: int, stream: int,
                    backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    args = _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, max_mult, present, weights,
-                 cpat, inv_temp, logprob, renormalize)
+    args = _Args(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, sparse, max_mult, present,
+                 weights, cpat, inv_temp, logprob, renormalize)
     if weights.shape[0] == 0:
         M = weights.shape[1]
         return (weights.new_empty((0,), dtype=torch.int64), weights.new_empty((0, M), dtype=torch.int64),
@@ -264,8 +264,8 @@ def _next_token_op(logits: list[torch.Tensor], to_union: list[torch.Tensor], rev
 
 
 @_next_token_op.register_fake
-def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, max_mult, present, weights, cpat, inv_temp,
-      logprob, renormalize, from_union, greedy, seed, stream, backend):
+def _(logits, to_union, rev_offsets, rev_ids, first_ids, multi, row_layout, sparse, max_mult, present, weights, cpat,
+      inv_temp, logprob, renormalize, from_union, greedy, seed, stream, backend):
     B, M = weights.shape
     return (weights.new_empty((B,), dtype=torch.int64), weights.new_empty((B, M), dtype=torch.int64),
             weights.new_empty((B,)))
@@ -280,6 +280,7 @@ class _Args(NamedTuple):
     first_ids: list
     multi: list
     row_layout: list
+    sparse: list
     max_mult: list
     present: torch.Tensor
     weights: torch.Tensor
@@ -325,8 +326,8 @@ def _native_args(ext, a: _Args, from_union=None):
         ptrs(a.logits), [x.stride(0) for x in a.logits], [x.shape[1] for x in a.logits], ptrs(a.to_union),
         ptrs(a.rev_offsets), ptrs(a.rev_ids), ptrs(a.first_ids), ptrs(a.multi), [t.shape[0] for t in a.multi],
         a.max_mult,
-        ptrs(from_union or []), ptrs(a.row_layout), list(a.inv_temp), a.present.data_ptr(), a.weights.data_ptr(),
-        a.cpat.data_ptr(),
+        ptrs(from_union or []), ptrs(a.row_layout), ptrs(a.sparse), [t.shape[0] for t in a.sparse],
+        list(a.inv_temp), a.present.data_ptr(), a.weights.data_ptr(), a.cpat.data_ptr(),
         dtype_code(a.logits[0]), a.weights.shape[0], a.union_size, a.logprob, a.renormalize)
 
 

@@ -45,6 +45,10 @@ struct Args {
   const int32_t* row_mstart;  // [ceil(V_0 / 16)] many-to-one members before the vector
   const int32_t* row_single;  // [ceil(U / 16)] per 16 union ids: bits where model 0 has exactly one id
   const int32_t* row_slot;    // [num_multi[0]] rank of multi[0]'s model id among the many-to-one members
+  // CPU fast path for a later model with few single ids (maps.py: sparse_pairs): (union id, model id) pairs
+  // of its single ids, ascending; none (0) for model 0 and for the others.
+  const int32_t* sparse[kMaxModels];
+  int64_t num_sparse[kMaxModels];
   float inv_temp[kMaxModels];
   const uint8_t* present;  // [U] bit m: model m has the union id
   const float* weights;    // [B, M], rows sum to 1
@@ -178,13 +182,15 @@ inline void fill_ptrs(T* dst, const std::vector<uintptr_t>& src) {
 inline Args make_args(const Ptrs& logits, const std::vector<int64_t>& row_stride, const std::vector<int64_t>& vocab,
                const Ptrs& to_union, const Ptrs& rev_offsets, const Ptrs& rev_ids, const Ptrs& first_ids,
                const Ptrs& multi, const std::vector<int64_t>& num_multi, const std::vector<int64_t>& max_mult,
-               const Ptrs& from_union, const Ptrs& row_layout,
+               const Ptrs& from_union, const Ptrs& row_layout, const Ptrs& sparse,
+               const std::vector<int64_t>& num_sparse,
                const std::vector<float>& inv_temp, uintptr_t present, uintptr_t weights, uintptr_t cpat,
                int32_t dtype, int64_t batch, int64_t union_size, bool logprob, bool renormalize) {
   const size_t M = logits.size();
   if (M < 1 || M > static_cast<size_t>(pyfuse::ensemble::kMaxModels)) throw std::invalid_argument("1 to 8 models");
   for (size_t n : {row_stride.size(), vocab.size(), to_union.size(), rev_offsets.size(), rev_ids.size(),
-                   first_ids.size(), multi.size(), num_multi.size(), max_mult.size(), inv_temp.size()}) {
+                   first_ids.size(), multi.size(), num_multi.size(), sparse.size(), num_sparse.size(),
+                   max_mult.size(), inv_temp.size()}) {
     if (n != M) throw std::invalid_argument("per-model lists must all have one entry per model");
   }
   Args a{};
@@ -198,6 +204,7 @@ inline Args make_args(const Ptrs& logits, const std::vector<int64_t>& row_stride
   fill_ptrs(a.rev_ids, rev_ids);
   fill_ptrs(a.first_ids, first_ids);
   fill_ptrs(a.multi, multi);
+  fill_ptrs(a.sparse, sparse);
   if (!from_union.empty()) fill_ptrs(a.from_union, from_union);
   if (!row_layout.empty()) {
     if (row_layout.size() != 5) throw std::invalid_argument("row_layout must hold 5 tables or none");
@@ -208,6 +215,7 @@ inline Args make_args(const Ptrs& logits, const std::vector<int64_t>& row_stride
     a.row_stride[m] = row_stride[m];
     a.vocab[m] = vocab[m];
     a.num_multi[m] = num_multi[m];
+    a.num_sparse[m] = m == 0 ? 0 : num_sparse[m];  // model 0's term is written, never a sparse sum
     a.max_mult[m] = max_mult[m];
     a.inv_temp[m] = inv_temp[m];
   }
