@@ -462,11 +462,6 @@ __attribute__((target("avx512f"))) int64_t gather_add_prob_avx512(const float* e
   return i;
 }
 
-// Mode "prob" + absent "zero": the key is the weighted sum itself; model m's term of it added into key[n]
-// (model 0's term written: weights and exponentials are >= 0), the same values as tile_keys. Gather and add
-// are one pass over the single ids (first_ids); at the many-to-one union ids (first_ids -1) that pass adds a
-// term of 0 (key + 0 is key: keys are >= 0, never -0; or 0 for the first model), and their terms come after,
-// from the sums over all their ids (multi), as tile_exps forms them: 0 + the ids in ascending order.
 // Model m's terms w * (E * inv_s) of the many-to-one union ids in [u0, u0 + n) into key (written when first,
 // else added), E = 0 + the values of their ids in ascending order; value(j) is that of pair j of multi[m]
 // (ascending by union id, then model id).
@@ -485,9 +480,13 @@ void multi_terms(const Args& a, int m, int64_t u0, int64_t n, float w, float inv
   }
 }
 
-// Model m's term of union ids [u0, u0 + n) (a tile) into key[n], from its exponentials e: written for model 0,
-// else added. The single ids by gathers, or, for a later model with few (Args::sparse), pair by pair: where it
-// has no id the gathers add a term of 0 (key + 0 is key), so the same values, without a 16-lane gather for a
+// Mode "prob" + absent "zero": the key is the weighted sum itself; model m's term of it for union ids
+// [u0, u0 + n) (a tile) into key[n] (model 0's term written: weights and exponentials are >= 0), from its
+// exponentials e, the same values as tile_keys. Gather and add are one pass over the single ids (first_ids); at
+// the many-to-one union ids (first_ids -1) that pass adds a term of 0 (key + 0 is key: keys are >= 0, never
+// -0; or 0 for the first model), and their terms come after, from the sums over all their ids (multi), as
+// tile_exps forms them: 0 + the ids in ascending order. A later model with few single ids (Args::sparse) adds
+// them pair by pair instead, leaving out those terms of 0: the same values, without a 16-lane gather for a
 // few lanes (a gather costs the same with lanes masked off; on AMD Zen 4 ~6 ns even from L1).
 void tile_add_model(const Args& a, int64_t b, const RowStats& st, int m, const float* e, int64_t u0, int64_t n,
                     float* key) {
