@@ -201,10 +201,10 @@ def test_bad_environment_limit(monkeypatch, text):
 @pytest.mark.parametrize("mode,absent,layout", [("prob", "zero", False), ("logprob", "renormalize", False),
                                                 ("prob", "zero", True)])
 def test_union_probs_into_a_reused_buffer(cache, mode, absent, layout):
-    # B=64 x U=32768 float32 is exactly the size that is cached. The first output is filled with NaN before it
-    # is freed: any element the kernel does not write into the reused buffer shows up. layout: a map numbered
-    # as VocabMap numbers it, where the kernel writes model 0's exponentials into the output first and never
-    # reads the union ids model 0 lacks (U > 32768: still cached).
+    # B=64 x U=LARGE[1] float32 is exactly the smallest size that is cached. The first output is filled with NaN
+    # before it is freed: any element the kernel does not write into the reused buffer shows up. layout: a map
+    # numbered as VocabMap numbers it, where the kernel writes model 0's exponentials into the output first and
+    # never reads the union ids model 0 lacks (U > LARGE[1]: still cached).
     if layout:
         vmap = special_first(synthetic_map((30000, 20000), seed=3))
         assert tables_for(vmap, "cpu").row_layout and vmap.union_size >= LARGE[1]
